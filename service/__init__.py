@@ -1,0 +1,1 @@
+"""kipam's running program: configuration, store, locks, use cases, APIs and the CLI."""
