@@ -1,0 +1,1 @@
+"""kipam's SQL migrations: ``NNNN_description.sql``, applied in order by ``kipam migrate``."""

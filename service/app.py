@@ -1,0 +1,183 @@
+"""The running service: resources built from settings, the HTTP server, graceful shutdown.
+
+:func:`resources` opens everything long-lived (the embedded PostgreSQL when no database is
+configured, the connection pool, migrations, the lock manager, the use cases) in one
+``async with`` and closes it in reverse order. :func:`serve` runs the HTTP server on top of
+them until SIGTERM or SIGINT.
+
+Until the API issues land, HTTP serves only the health endpoints:
+
+* ``GET /healthz``: the process is up (200, always);
+* ``GET /readyz``: the database answers, the migrations are current and which lock backend
+  is in use (200 when ready, 503 with the same JSON when not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from litestar import Litestar, get
+from litestar.response import Response
+
+from service.config import Settings, parse_listen_address
+from service.errors import PreconditionFailedError
+from service.locks import LockManager
+from service.migrate import migrate, status
+from service.store import Database
+from service.usecases import Kipam
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from service.embedded import EmbeddedPostgres
+
+__all__ = ["Resources", "build_http_app", "open_database", "resources", "serve"]
+
+_log = logging.getLogger("kipam")
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the adapters need, opened once per process."""
+
+    settings: Settings
+    db: Database
+    locks: LockManager
+    kipam: Kipam
+    database: str  # "embedded" or "external", for the health output
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[tuple[Database, str]]:
+    """The connection pool, on the embedded PostgreSQL when no database is configured.
+
+    Yields:
+        The database and its kind, "embedded" or "external".
+    """
+    embedded: EmbeddedPostgres | None = None
+    dsn = settings.database_url
+    if dsn is None:
+        from service.embedded import EmbeddedPostgres  # noqa: PLC0415 - optional extra
+
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+        _log.info("embedded PostgreSQL running in %s", settings.data_dir)
+    try:
+        db = await Database.open(dsn, settings)
+        try:
+            yield db, "embedded" if embedded else "external"
+        finally:
+            await db.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+@contextlib.asynccontextmanager
+async def resources(settings: Settings) -> AsyncIterator[Resources]:
+    """Open the database, migrate (when asked), and build the lock manager and use cases.
+
+    Raises:
+        PreconditionFailedError: the schema is not current and migrating on start is off.
+        UnavailableError: the database cannot be reached or started.
+    """
+    async with open_database(settings) as (db, kind):
+        async with db.connection() as conn:
+            if settings.migrate_on_start:
+                applied = await migrate(conn)
+                if applied:
+                    _log.info("applied migrations: %s", ", ".join(applied))
+            elif not (await status(conn)).current:
+                raise PreconditionFailedError(
+                    "The database schema is not current; run `kipam migrate` first (or set "
+                    "KIPAM_MIGRATE_ON_START=true)."
+                )
+        locks = LockManager(
+            settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s
+        )
+        await locks.start()
+        kipam = Kipam(db, locks, batch_max=settings.batch_max)
+        try:
+            yield Resources(settings, db, locks, kipam, kind)
+        finally:
+            await kipam.close()
+            await locks.close()
+
+
+def build_http_app(res: Resources) -> Litestar:
+    """The HTTP application over opened resources."""
+
+    @get("/healthz", sync_to_thread=False, include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", include_in_schema=False)
+    async def readyz() -> Response[dict[str, Any]]:
+        database_up = await res.db.ping()
+        migrations: dict[str, object] = {"current": False}
+        if database_up:
+            try:
+                async with res.db.connection() as conn:
+                    found = await status(conn)
+                migrations = {"current": found.current, "pending": list(found.pending)}
+            except Exception:  # noqa: BLE001 - readiness reports, never raises
+                database_up = False
+        ready = database_up and bool(migrations["current"])
+        body = {
+            "status": "ready" if ready else "not ready",
+            "database": {"up": database_up, "kind": res.database},
+            "migrations": migrations,
+            "locks": res.locks.status(),
+        }
+        return Response(body, status_code=200 if ready else 503)
+
+    return Litestar(route_handlers=[healthz, readyz], openapi_config=None)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: kipam shuts everything down in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting, finish in-flight work and close."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
+    async with resources(settings) as res:
+        config = uvicorn.Config(
+            build_http_app(res),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        server = _Server(config)
+        task = asyncio.create_task(server.serve())
+        _log.info(
+            "kipam serving HTTP on %s (database: %s, locks: %s)",
+            settings.http_addr,
+            res.database,
+            res.locks.backend,
+        )
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:  # the server failed to start (port taken, ...)
+            waiter.cancel()
+            await task
+            raise SystemExit(1)
+        _log.info("shutting down")
+        server.should_exit = True
+        await task

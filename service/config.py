@@ -1,0 +1,152 @@
+"""Settings: read once from the environment into an immutable object and passed down.
+
+Every variable has the ``KIPAM_`` prefix. Nothing reads the environment after start-up; the
+engine never sees settings at all (DESIGN.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["Settings", "parse_listen_address"]
+
+
+def _default_data_dir() -> Path:
+    import platformdirs  # noqa: PLC0415 - only needed when no data dir is configured
+
+    return Path(platformdirs.user_data_path("kipam"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything kipam reads from its environment.
+
+    Attributes:
+        database_url: PostgreSQL DSN; None means the embedded PostgreSQL in ``data_dir``.
+        redis_url: Redis URL for per-pool locks; None means PostgreSQL advisory locks.
+        http_addr: REST listen address, ``host:port`` (IPv6 hosts in brackets).
+        grpc_addr: gRPC listen address.
+        data_dir: Where the embedded PostgreSQL keeps its files.
+        migrate_on_start: Apply pending migrations when ``kipam serve`` starts. Default: on
+            for the embedded database (nothing else would), off for a real one (a Helm hook
+            or ``kipam migrate`` does it; serve refuses to start on an old schema).
+        lock_ttl_s: How long a Redis pool lock lives if its holder dies.
+        lock_wait_s: How long a request waits for a pool lock before UNAVAILABLE.
+        db_pool_min: Connections kept open to PostgreSQL.
+        db_pool_max: Most connections opened to PostgreSQL.
+        statement_timeout_s: Upper bound on any one SQL statement.
+        batch_max: Most queued requests one pool serves in one transaction (group commit).
+    """
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    http_addr: str = "127.0.0.1:8080"
+    grpc_addr: str = "127.0.0.1:50051"
+    data_dir: Path = field(default_factory=_default_data_dir)
+    migrate_on_start: bool = True
+    lock_ttl_s: float = 10.0
+    lock_wait_s: float = 5.0
+    db_pool_min: int = 2
+    db_pool_max: int = 20
+    statement_timeout_s: float = 10.0
+    batch_max: int = 256
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the ``KIPAM_*`` variables; unset ones take their defaults.
+
+        Raises:
+            InvalidRequestError: a variable that cannot be parsed; the message names it.
+        """
+        env = _Env(os.environ if environ is None else environ)
+        get, number, boolean = env.get, env.number, env.boolean
+        database_url = get("DATABASE_URL")
+        data_dir = get("DATA_DIR")
+        settings = cls(
+            database_url=database_url,
+            redis_url=get("REDIS_URL"),
+            http_addr=get("HTTP_ADDR") or cls.http_addr,
+            grpc_addr=get("GRPC_ADDR") or cls.grpc_addr,
+            data_dir=Path(data_dir).expanduser() if data_dir else _default_data_dir(),
+            migrate_on_start=boolean("MIGRATE_ON_START", default=database_url is None),
+            lock_ttl_s=number("LOCK_TTL_S", cls.lock_ttl_s, minimum=0.1),
+            lock_wait_s=number("LOCK_WAIT_S", cls.lock_wait_s, minimum=0.0),
+            db_pool_min=int(number("DB_POOL_MIN", cls.db_pool_min, minimum=1)),
+            db_pool_max=int(number("DB_POOL_MAX", cls.db_pool_max, minimum=1)),
+            statement_timeout_s=number("STATEMENT_TIMEOUT_S", cls.statement_timeout_s, minimum=0.1),
+            batch_max=int(number("BATCH_MAX", cls.batch_max, minimum=1)),
+        )
+        parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
+        parse_listen_address(settings.grpc_addr, "KIPAM_GRPC_ADDR")
+        if settings.db_pool_min > settings.db_pool_max:
+            raise InvalidRequestError(
+                "KIPAM_DB_POOL_MIN must not exceed KIPAM_DB_POOL_MAX.", field="KIPAM_DB_POOL_MIN"
+            )
+        return settings
+
+
+class _Env:
+    """Typed reads of ``KIPAM_*`` variables, each error naming its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str) -> str | None:
+        value = self._environ.get(f"KIPAM_{name}", "").strip()
+        return value or None
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        text = self.get(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidRequestError(
+                f"KIPAM_{name}={text!r} is not a number.", field=f"KIPAM_{name}"
+            ) from None
+        if value < minimum:
+            raise InvalidRequestError(
+                f"KIPAM_{name} must be at least {minimum}, not {value}.", field=f"KIPAM_{name}"
+            )
+        return value
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        text = self.get(name)
+        if text is None:
+            return default
+        if text.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if text.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise InvalidRequestError(
+            f"KIPAM_{name}={text!r} is not a boolean (true/false).", field=f"KIPAM_{name}"
+        )
+
+
+def parse_listen_address(text: str, name: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6-host]:port`` into (host, port).
+
+    Raises:
+        InvalidRequestError: not of that shape, or a port outside 0-65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise InvalidRequestError(
+            f"{name}={text!r} must be host:port, e.g. 127.0.0.1:8080 or [::1]:8080.", field=name
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise InvalidRequestError(
+            f"{name}={text!r}: write an IPv6 host in brackets, e.g. [::1]:8080.", field=name
+        )
+    return host, int(port_text)

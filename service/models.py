@@ -1,0 +1,257 @@
+"""The service's values: what use cases take and return, shared by gRPC, REST and the CLI.
+
+Plain frozen dataclasses, transport-free. Field names are the glossary of DESIGN.md ("Core
+JSON shapes"); the adapters convert them to protobuf messages and JSON without renaming.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
+
+from engine import Policy, Prefix, Strategy
+from service.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from datetime import datetime
+
+__all__ = [
+    "ROLES",
+    "STATES",
+    "Allocation",
+    "AllocationRequest",
+    "Page",
+    "Pool",
+    "PoolPolicy",
+    "PoolUsage",
+    "RequestContext",
+    "check_labels",
+    "check_owner",
+    "check_pool_name",
+]
+
+Role = Literal["container", "node", "pod", "service", "ingress", "egress"]
+State = Literal["active", "quarantined", "released"]
+ROLES: Final[tuple[Role, ...]] = ("container", "node", "pod", "service", "ingress", "egress")
+STATES: Final[tuple[State, ...]] = ("active", "quarantined", "released")
+
+# Same rules as the database's CHECK constraints, checked first so the error names the field.
+_SEGMENT: Final = r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?"
+_POOL_NAME: Final = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+# kind/name, e.g. node/worker-7, cluster/eu1-prod, app/payments/checkout.
+_OWNER: Final = re.compile(r"[a-z][a-z0-9-]{0,62}/[^\s/][^\s]*")
+# Kubernetes label keys and values (an optional DNS-subdomain prefix and a name of at most 63).
+_LABEL_KEY: Final = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE: Final = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+MAX_LABELS: Final = 64
+DEFAULT_QUARANTINE_S: Final = 600
+
+
+def check_pool_name(name: object, field_name: str = "name") -> str:
+    """A pool name: path segments of ``a-z 0-9 . _ -`` joined by ``/``, at most 253 characters."""
+    if not isinstance(name, str) or len(name) > 253 or not _POOL_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            f"{field_name} {name!r} is not a pool name: use lower-case path segments such as "
+            "'eu1' or 'eu1-prod/pod' (letters, digits, '.', '_', '-', joined by '/').",
+            field=field_name,
+        )
+    return name
+
+
+def check_owner(owner: object) -> str:
+    """An owner: ``kind/name`` such as ``node/worker-7``, at most 512 characters."""
+    if not isinstance(owner, str) or len(owner) > 512 or not _OWNER.fullmatch(owner):
+        raise InvalidRequestError(
+            f"owner {owner!r} must be kind/name, e.g. node/worker-7 or cluster/eu1-prod "
+            "(kind: lower-case letters, digits and '-'; no spaces).",
+            field="owner",
+        )
+    return owner
+
+
+def check_labels(labels: object, field_name: str = "labels") -> dict[str, str]:
+    """Labels as Kubernetes writes them: at most 64, valid keys, values of 63 characters or less."""
+    if not isinstance(labels, dict):
+        raise InvalidRequestError(f"{field_name} must be a map of strings.", field=field_name)
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequestError(
+            f"{field_name} has {len(labels)} entries; at most {MAX_LABELS} are allowed.",
+            field=field_name,
+        )
+    out: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or len(key) > 317 or not _LABEL_KEY.fullmatch(key):
+            raise InvalidRequestError(
+                f"{field_name} key {key!r} is not a valid label key (Kubernetes rules).",
+                field=field_name,
+            )
+        if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+            raise InvalidRequestError(
+                f"{field_name}[{key!r}] = {value!r} is not a valid label value (at most 63 "
+                "characters: letters, digits, '-', '_', '.', starting and ending alphanumeric).",
+                field=field_name,
+            )
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPolicy:
+    """A pool's rules: the engine's :class:`~engine.Policy` plus what the service enforces.
+
+    Attributes:
+        quarantine_seconds: How long a released prefix stays held before it may be handed
+            out again (invariant 5). Default 600: long enough for routes, neighbour caches
+            and firewall rules that still name the old holder to expire.
+        allow_documentation: Let a root pool use documentation ranges (2001:db8::/32, ...),
+            for tests and examples.
+    """
+
+    default_length: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    alignment_bits: int | None = None
+    strategy: Strategy = Strategy.LOWEST
+    reserved: tuple[Prefix, ...] = ()
+    reserve_anycast: bool = False
+    quarantine_seconds: int = DEFAULT_QUARANTINE_S
+    allow_documentation: bool = False
+
+    def engine_policy(self) -> Policy:
+        """The part the engine applies."""
+        return Policy(
+            default_length=self.default_length,
+            min_length=self.min_length,
+            max_length=self.max_length,
+            alignment_bits=self.alignment_bits,
+            strategy=self.strategy,
+            reserved=self.reserved,
+            reserve_anycast=self.reserve_anycast,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """As stored in ``pools.policy`` and shown by the APIs."""
+        return {
+            "default_length": self.default_length,
+            "min_length": self.min_length,
+            "max_length": self.max_length,
+            "alignment_bits": self.alignment_bits,
+            "strategy": self.strategy.value,
+            "reserved": [str(r) for r in self.reserved],
+            "reserve_anycast": self.reserve_anycast,
+            "quarantine_seconds": self.quarantine_seconds,
+            "allow_documentation": self.allow_documentation,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PoolPolicy:
+        """Read a stored policy (trusted: it was validated when written)."""
+        from engine import parse_prefix  # noqa: PLC0415 - keeps the import list of this module short
+
+        def opt_int(key: str) -> int | None:
+            value = data.get(key)
+            return None if value is None else int(str(value))
+
+        reserved = data.get("reserved") or []
+        if not isinstance(reserved, list):  # pragma: no cover - written by to_json
+            raise TypeError("policy.reserved must be a list")
+        return cls(
+            default_length=opt_int("default_length"),
+            min_length=opt_int("min_length"),
+            max_length=opt_int("max_length"),
+            alignment_bits=opt_int("alignment_bits"),
+            strategy=Strategy(str(data.get("strategy", "lowest"))),
+            reserved=tuple(parse_prefix(str(r)) for r in reserved),
+            reserve_anycast=bool(data.get("reserve_anycast", False)),
+            quarantine_seconds=int(str(data.get("quarantine_seconds", DEFAULT_QUARANTINE_S))),
+            allow_documentation=bool(data.get("allow_documentation", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A named CIDR that hands out prefixes."""
+
+    id: int
+    name: str
+    cidr: Prefix
+    space: str
+    role: Role
+    parent: str | None
+    policy: PoolPolicy
+    labels: dict[str, str]
+    generation: int
+    revision: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """A prefix held (or once held) by an owner."""
+
+    id: int
+    pool: str
+    prefix: Prefix
+    owner: str
+    labels: dict[str, str]
+    state: State
+    created_at: datetime
+    released_at: datetime | None
+    reusable_at: datetime | None
+    revision: int
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """One prefix to allocate: by ``length`` (None: the pool's default) or an exact ``prefix``."""
+
+    owner: str
+    length: int | None = None
+    prefix: Prefix | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    """How full a pool is, with the free blocks of one length when asked."""
+
+    pool: str
+    cidr: Prefix
+    total: int
+    allocated: int
+    reserved: int
+    free: int
+    allocations: int
+    quarantined: int
+    length: int | None
+    free_blocks: int
+    largest_free: Prefix | None
+    fragmentation: float
+    utilization: float
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list, with the cursor of the next page (None on the last one)."""
+
+    items: Sequence[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who asks, and the ids that tie the change to its request and trace (invariant 7)."""
+
+    actor: str = "anonymous"
+    request_id: str | None = None
+    trace_id: str | None = None

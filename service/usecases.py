@@ -1,0 +1,1249 @@
+"""The use cases: the one layer that gRPC, REST and the CLI call.
+
+One allocation, end to end (DESIGN.md), as this module runs it:
+
+1. an idempotency hit returns the existing allocation without any lock;
+2. the request joins its pool's queue in this process (:class:`_PoolWorker`); one task per
+   pool drains the queue, so requests waiting on the same pool are served **together in one
+   transaction** (group commit), each with its own answer or its own failure;
+3. the batch takes the pool's distributed lock (Redis, or a PostgreSQL advisory lock);
+4. ``BEGIN``; the pool row ``FOR UPDATE`` (its generation is the fencing token); the engine
+   cache is refreshed from the changes since its generation, or rebuilt;
+5. the engine decides every prefix of the batch (pure, microseconds);
+6. the allocations, their history and the new generation are written in one statement;
+   ``COMMIT``. An exclusion violation means the cache was wrong: it is rebuilt and the batch
+   retried once. Any other failure discards the cache (rebuilt on next use) and fails the
+   batch's requests with the translated error; nothing half-written survives the rollback.
+
+Reads that need the engine (usage, available prefixes) go through the same worker, so they
+see every change committed before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, cast
+
+import asyncpg
+
+from engine import (
+    EngineError,
+    PoolAllocator,
+    Prefix,
+    parse_address,
+    parse_prefix,
+)
+from engine.cluster import check_special_purpose
+from service.errors import (
+    AllocationNotFoundError,
+    AlreadyExistsError,
+    InvalidRequestError,
+    PoolNotFoundError,
+    PreconditionFailedError,
+    ServiceError,
+)
+from service.models import (
+    ROLES,
+    STATES,
+    Allocation,
+    AllocationRequest,
+    Page,
+    Pool,
+    PoolPolicy,
+    PoolUsage,
+    RequestContext,
+    check_labels,
+    check_owner,
+    check_pool_name,
+)
+from service.store import (
+    ALLOCATION_COLUMNS,
+    POOL_COLUMNS,
+    allocation_from_row,
+    pool_from_row,
+    prefix_from_db,
+    translate,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from service.locks import LockManager
+    from service.store import Database
+
+__all__ = ["Kipam", "parse_selector"]
+
+_log = logging.getLogger(__name__)
+
+MAX_PAGE: Final = 1000
+MAX_BATCH: Final = 10_000
+_POOL_FROM: Final = """
+    FROM pools p JOIN spaces s ON s.id = p.space_id LEFT JOIN pools pp ON pp.id = p.parent_id
+"""
+_ALLOCATION_FROM: Final = "FROM allocations a JOIN pools p ON p.id = a.pool_id"
+_INSERT_ALLOCATIONS: Final = """
+WITH new AS (
+    SELECT * FROM unnest($3::cidr[], $4::text[], $5::jsonb[], $6::text[], $7::int[])
+        AS t(prefix, owner, labels, idempotency_key, ord)
+), ins AS (
+    INSERT INTO allocations (pool_id, pool_cidr, prefix, owner, labels, idempotency_key, revision)
+    SELECT $1, $2, prefix, owner, labels, idempotency_key, nextval('kipam_revision')
+      FROM new ORDER BY ord
+    RETURNING *
+), hist AS (
+    INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation, allocation_id,
+                         prefix, owner, actor, request_id, trace_id, data)
+    SELECT revision, 'allocation.created', $1, $8, $9, id, prefix, owner, $10, $11, $12,
+           jsonb_build_object('labels', labels)
+      FROM ins
+)
+SELECT ins.id, $8::text AS pool, ins.prefix, ins.owner, ins.labels, ins.state, ins.created_at,
+       ins.released_at, ins.reusable_at, ins.revision, ins.idempotency_key
+  FROM ins ORDER BY ins.prefix
+"""
+_SELECTOR: Final = re.compile(
+    r"\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9][-A-Za-z0-9_./]*)\s*"
+    r"(?:(?P<op>==|=|!=)\s*(?P<value>[-A-Za-z0-9_.]*))?\s*"
+)
+
+Selector = list[tuple[str, str, str | None]]
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse an equality-based Kubernetes label selector: ``k=v,k2!=v2,k3,!k4``.
+
+    Returns:
+        (key, operator, value) triples; operator is ``=``, ``!=``, ``exists`` or ``!exists``.
+
+    Raises:
+        InvalidRequestError: a term that is not of those shapes.
+    """
+    out: Selector = []
+    if not text.strip():
+        return out
+    for term in text.split(","):
+        match = _SELECTOR.fullmatch(term)
+        if not match or (match["neg"] and match["op"]):
+            raise InvalidRequestError(
+                f"Label selector term {term.strip()!r} is not k=v, k!=v, k or !k.",
+                field="selector",
+            )
+        op = match["op"]
+        if op is None:
+            out.append((match["key"], "!exists" if match["neg"] else "exists", None))
+        else:
+            out.append((match["key"], "!=" if op == "!=" else "=", match["value"]))
+    return out
+
+
+def _selector_sql(selector: Selector, column: str, args: list[object]) -> list[str]:
+    clauses: list[str] = []
+    for key, op, value in selector:
+        args.append(key)
+        key_arg = f"${len(args)}"
+        if op == "exists":
+            clauses.append(f"{column} ? {key_arg}")
+        elif op == "!exists":
+            clauses.append(f"NOT {column} ? {key_arg}")
+        else:
+            args.append(value)
+            match = f"{column} ->> {key_arg} = ${len(args)}"
+            # Kubernetes: k!=v also matches objects without k.
+            clauses.append(
+                match if op == "=" else f"({column} ->> {key_arg} IS DISTINCT FROM ${len(args)})"
+            )
+    return clauses
+
+
+# -- the per-pool worker ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Allocate:
+    requests: list[AllocationRequest]
+    dry_run: bool
+    ctx: RequestContext
+    # Per request: the allocation and whether it is new; a dry run answers prefixes instead.
+    future: asyncio.Future[list[tuple[Allocation | Prefix, bool]]]
+
+
+@dataclass(slots=True)
+class _Release:
+    allocation_id: int
+    ctx: RequestContext
+    future: asyncio.Future[Allocation]
+
+
+@dataclass(slots=True)
+class _CreateChild:
+    name: str
+    role: str
+    length: int | None
+    cidr: Prefix | None
+    policy: PoolPolicy
+    labels: dict[str, str]
+    ctx: RequestContext
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
+class _DeleteChild:
+    child_id: int
+    ctx: RequestContext
+    future: asyncio.Future[None]
+
+
+_Job = _Allocate | _Release | _CreateChild | _DeleteChild
+
+
+@dataclass(slots=True)
+class _Write:
+    """What one batch writes: the rows for new allocations and the id of each state change."""
+
+    prefixes: list[str] = field(default_factory=list)
+    owners: list[str] = field(default_factory=list)
+    labels: list[dict[str, str]] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+
+    def add(self, prefix: Prefix, request: AllocationRequest) -> None:
+        self.prefixes.append(str(prefix))
+        self.owners.append(request.owner)
+        self.labels.append(request.labels)
+        self.keys.append(request.idempotency_key)
+
+
+class _CacheWrongError(Exception):
+    """The database refused what the engine decided: the cache disagreed with the truth."""
+
+
+class _PoolWorker:
+    """Serves one pool's writes and engine reads in this process, in batches."""
+
+    def __init__(self, kipam: Kipam, pool_id: int) -> None:
+        self.kipam = kipam
+        self.pool_id = pool_id
+        self.queue: deque[_Job] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.engine: PoolAllocator | None = None
+        self.mutex = asyncio.Lock()
+
+    def submit(self, job: _Job) -> None:
+        self.queue.append(job)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain(), name=f"kipam-pool-{self.pool_id}")
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch: list[_Job] = []
+            while self.queue and len(batch) < self.kipam.batch_max:
+                batch.append(self.queue.popleft())
+            batch = [job for job in batch if not job.future.done()]  # callers that gave up
+            if not batch:
+                continue
+            try:
+                async with self.mutex:
+                    await self._run(batch)
+            except BaseException as exc:  # every waiter gets the failure
+                error = exc if isinstance(exc, ServiceError) else translate(exc)
+                if not isinstance(exc, ServiceError | asyncpg.PostgresError | OSError):
+                    _log.exception("pool %s: batch failed", self.pool_id)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+    async def _run(self, batch: list[_Job]) -> None:
+        try:
+            await self._transaction(batch)
+        except _CacheWrongError:
+            # Nothing was answered yet: answers are set only after COMMIT.
+            _log.warning(
+                "pool %s: engine cache disagreed with the database; rebuilding", self.pool_id
+            )
+            try:
+                await self._transaction(batch)
+            except _CacheWrongError as exc:
+                raise translate(exc.__cause__ or exc) from exc
+
+    async def fresh_engine(self, conn: asyncpg.Connection, generation: int) -> PoolAllocator:
+        """The engine for this pool at ``generation``: refreshed from changes, or rebuilt."""
+        engine = self.engine
+        if engine is not None and engine.generation == generation:
+            return engine
+        if engine is not None and engine.generation < generation:
+            rows = await conn.fetch(
+                "SELECT kind, prefix FROM changes WHERE pool_id = $1 AND pool_generation > $2"
+                " AND kind IN ('allocation.created', 'allocation.released') ORDER BY revision",
+                self.pool_id,
+                engine.generation,
+            )
+            try:
+                for row in rows:
+                    prefix = prefix_from_db(row["prefix"])
+                    if row["kind"] == "allocation.created":
+                        engine.occupy(prefix)
+                    else:
+                        engine.release(prefix)
+            except EngineError:
+                _log.warning("pool %s: replay failed; rebuilding the engine", self.pool_id)
+            else:
+                engine.generation = generation
+                return engine
+        return await self._rebuild(conn, generation)
+
+    async def _rebuild(self, conn: asyncpg.Connection, generation: int) -> PoolAllocator:
+        self.engine = None
+        row = await conn.fetchrow("SELECT cidr, policy FROM pools WHERE id = $1", self.pool_id)
+        if row is None:  # pragma: no cover - callers hold the pool row
+            raise PoolNotFoundError(str(self.pool_id))
+        held = await conn.fetch(
+            "SELECT prefix FROM allocations WHERE pool_id = $1 AND state <> 'released'",
+            self.pool_id,
+        )
+        policy = PoolPolicy.from_json(row["policy"]).engine_policy()
+        engine = PoolAllocator(
+            prefix_from_db(row["cidr"]), policy, (prefix_from_db(r["prefix"]) for r in held)
+        )
+        engine.generation = generation
+        self.engine = engine
+        return engine
+
+    async def _transaction(self, batch: list[_Job]) -> None:  # noqa: C901, PLR0912, PLR0915 - the write path in one place
+        kipam = self.kipam
+        results: list[tuple[_Job, object]] = []
+        # The Redis lock is waited for before a connection is taken: waiting holds none.
+        async with kipam.locks.hold(self.pool_id) as hold, kipam.db.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await hold.enter_transaction(conn)
+                    pool = await conn.fetchrow(
+                        "SELECT p.name, p.cidr, p.generation, p.policy, EXISTS ("
+                        "  SELECT 1 FROM allocations WHERE pool_id = p.id AND state = 'quarantined'"
+                        "  AND reusable_at <= now()) AS due"
+                        " FROM pools p WHERE p.id = $1 AND p.deleted_at IS NULL FOR UPDATE",
+                        self.pool_id,
+                    )
+                    if pool is None:
+                        raise PoolNotFoundError(f"#{self.pool_id}")  # noqa: TRY301 - rolls back
+                    generation = pool["generation"] + 1
+                    engine = await self.fresh_engine(conn, pool["generation"])
+                    changed = False
+                    if pool["due"]:
+                        changed = await self._sweep(conn, engine, pool["name"], generation)
+                    write = _Write()
+                    pending: list[tuple[_Allocate, list[object]]] = []
+                    result: object
+                    for job in batch:
+                        if isinstance(job, _Allocate):
+                            pending.append((job, await self._decide(conn, engine, job, write)))
+                        elif isinstance(job, _Release):
+                            result = await self._release(
+                                conn,
+                                engine,
+                                job.allocation_id,
+                                ctx=job.ctx,
+                                pool=pool,
+                                generation=generation,
+                            )
+                            results.append((job, result))
+                            changed = changed or isinstance(result, Allocation)
+                        elif isinstance(job, _CreateChild):
+                            result = await self._create_child(conn, engine, job, pool, generation)
+                            results.append((job, result))
+                            changed = changed or isinstance(result, int)
+                        else:
+                            result = await self._delete_child(conn, engine, job, pool, generation)
+                            results.append((job, result))
+                            changed = changed or result is None
+                    inserted: dict[str, Allocation] = {}
+                    if write.prefixes:
+                        inserted = await self._insert(conn, pool, generation, write, batch[0].ctx)
+                        changed = True
+                    for job, decided in pending:
+                        results.append((job, _answer(decided, inserted)))
+                    if changed:
+                        await conn.execute(
+                            "UPDATE pools SET generation = $2 WHERE id = $1",
+                            self.pool_id,
+                            generation,
+                        )
+            except asyncpg.exceptions.ExclusionViolationError as exc:
+                self.engine = None
+                raise _CacheWrongError from exc
+            except BaseException:
+                self.engine = None  # its decisions were rolled back with the transaction
+                raise
+            if changed:
+                engine.generation = generation
+        for job, result in results:
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
+
+    async def _sweep(
+        self, conn: asyncpg.Connection, engine: PoolAllocator, pool_name: str, generation: int
+    ) -> bool:
+        """Quarantines that ended: released for good, and free again in the engine."""
+        rows = await conn.fetch(
+            """
+            WITH due AS (
+                UPDATE allocations SET state = 'released', revision = nextval('kipam_revision')
+                 WHERE pool_id = $1 AND state = 'quarantined' AND reusable_at <= now()
+                RETURNING id, prefix, owner, revision
+            ), hist AS (
+                INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
+                                     allocation_id, prefix, owner, actor)
+                SELECT revision, 'allocation.released', $1, $2, $3, id, prefix, owner,
+                       'kipam/quarantine'
+                  FROM due
+            )
+            SELECT prefix FROM due
+            """,
+            self.pool_id,
+            pool_name,
+            generation,
+        )
+        for row in rows:
+            engine.release(prefix_from_db(row["prefix"]))
+        return bool(rows)
+
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        engine: PoolAllocator,
+        job: _Allocate,
+        write: _Write,
+    ) -> list[object]:
+        """Per request: an existing allocation (idempotent replay), a new prefix, or an error."""
+        keys = [r.idempotency_key for r in job.requests if r.idempotency_key is not None]
+        existing: dict[str, Allocation] = {}
+        if keys:
+            rows = await conn.fetch(
+                f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+                " WHERE a.pool_id = $1 AND a.idempotency_key = ANY($2::text[])",
+                self.pool_id,
+                keys,
+            )
+            existing = {r["idempotency_key"]: allocation_from_row(r) for r in rows}
+        decided: list[object] = []
+        fresh: list[Prefix] = []
+        try:
+            for request in job.requests:
+                key = request.idempotency_key
+                if key is not None and key in existing:
+                    decided.append(_replay(existing[key], request))
+                    continue
+                if key is not None and key in write.keys:
+                    decided.append(("same-key", key))
+                    continue
+                prefix = (
+                    engine.allocate_prefix(request.prefix)
+                    if request.prefix is not None
+                    else engine.allocate(request.length)
+                )
+                fresh.append(prefix)
+                decided.append(prefix)
+        except (EngineError, ServiceError) as exc:
+            engine.release_many(fresh)
+            return [exc]
+        if job.dry_run:
+            engine.release_many(fresh)
+            return decided
+        for request, item in zip(job.requests, decided, strict=True):
+            if isinstance(item, Prefix):
+                write.add(item, request)
+        return decided
+
+    async def _insert(
+        self,
+        conn: asyncpg.Connection,
+        pool: asyncpg.Record,
+        generation: int,
+        write: _Write,
+        ctx: RequestContext,
+    ) -> dict[str, Allocation]:
+        rows = await conn.fetch(
+            _INSERT_ALLOCATIONS,
+            self.pool_id,
+            pool["cidr"],
+            write.prefixes,
+            write.owners,
+            write.labels,
+            write.keys,
+            list(range(len(write.prefixes))),
+            pool["name"],
+            generation,
+            ctx.actor,
+            ctx.request_id,
+            ctx.trace_id,
+        )
+        return {str(prefix_from_db(r["prefix"])): allocation_from_row(r) for r in rows}
+
+    async def _release(  # noqa: PLR0913
+        self,
+        conn: asyncpg.Connection,
+        engine: PoolAllocator,
+        allocation_id: int,
+        *,
+        ctx: RequestContext,
+        pool: asyncpg.Record,
+        generation: int,
+    ) -> Allocation | BaseException:
+        row = await conn.fetchrow(
+            "SELECT a.id, a.prefix, a.state, a.owner,"
+            " EXISTS (SELECT 1 FROM pools c WHERE c.parent_allocation_id = a.id"
+            "         AND c.deleted_at IS NULL) AS child"
+            " FROM allocations a WHERE a.id = $1 AND a.pool_id = $2 FOR UPDATE",
+            allocation_id,
+            self.pool_id,
+        )
+        if row is None:
+            return AllocationNotFoundError(allocation_id)
+        if row["state"] == "active":
+            if row["child"]:
+                return PreconditionFailedError(
+                    f"Allocation {allocation_id} is the CIDR of a child pool; delete that "
+                    "pool to release it."
+                )
+            quarantine = PoolPolicy.from_json(pool["policy"]).quarantine_seconds
+            state = "quarantined" if quarantine > 0 else "released"
+            await conn.execute(
+                """
+                WITH upd AS (
+                    UPDATE allocations
+                       SET state = $2, released_at = now(),
+                           reusable_at = now() + make_interval(secs => $3),
+                           revision = nextval('kipam_revision')
+                     WHERE id = $1
+                    RETURNING id, prefix, owner, revision, reusable_at
+                )
+                INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
+                                     allocation_id, prefix, owner, actor, request_id, trace_id,
+                                     data)
+                SELECT revision, 'allocation.' || $2, $4, $5, $6, id, prefix, owner, $7, $8, $9,
+                       jsonb_build_object('reusable_at', reusable_at)
+                  FROM upd
+                """,
+                allocation_id,
+                state,
+                float(quarantine),
+                self.pool_id,
+                pool["name"],
+                generation,
+                ctx.actor,
+                ctx.request_id,
+                ctx.trace_id,
+            )
+            if state == "released":
+                engine.release(prefix_from_db(row["prefix"]))
+        fetched = await conn.fetchrow(
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.id = $1", allocation_id
+        )
+        if fetched is None:  # pragma: no cover - locked above
+            raise AssertionError(allocation_id)
+        return allocation_from_row(fetched)
+
+    async def _create_child(
+        self,
+        conn: asyncpg.Connection,
+        engine: PoolAllocator,
+        job: _CreateChild,
+        pool: asyncpg.Record,
+        generation: int,
+    ) -> int | BaseException:
+        try:
+            prefix = engine.allocate_prefix(job.cidr) if job.cidr else engine.allocate(job.length)
+        except EngineError as exc:
+            return exc
+        write = _Write()
+        request = AllocationRequest(owner=f"pool/{job.name}", labels={})
+        write.add(prefix, request)
+        try:
+            async with conn.transaction():  # a savepoint: a taken name undoes only this job
+                inserted = await self._insert(conn, pool, generation, write, job.ctx)
+                allocation = inserted[str(prefix)]
+                return await self.kipam._insert_pool(  # noqa: SLF001 - same module
+                    conn,
+                    name=job.name,
+                    cidr=prefix,
+                    role=job.role,
+                    policy=job.policy,
+                    labels=job.labels,
+                    ctx=job.ctx,
+                    parent=(self.pool_id, allocation.id),
+                )
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            engine.release(prefix)
+            return translate(exc)
+
+    async def _delete_child(
+        self,
+        conn: asyncpg.Connection,
+        engine: PoolAllocator,
+        job: _DeleteChild,
+        pool: asyncpg.Record,
+        generation: int,
+    ) -> BaseException | None:
+        child = await conn.fetchrow(
+            "SELECT id, name, parent_allocation_id FROM pools"
+            " WHERE id = $1 AND parent_id = $2 AND deleted_at IS NULL FOR UPDATE",
+            job.child_id,
+            self.pool_id,
+        )
+        if child is None:
+            return PoolNotFoundError(f"#{job.child_id}")
+        error = await self.kipam._check_empty(conn, child["id"], child["name"])  # noqa: SLF001
+        if error is not None:
+            return error
+        await self.kipam._mark_deleted(conn, child["id"], child["name"], job.ctx)  # noqa: SLF001
+        released = await self._release(
+            conn,
+            engine,
+            child["parent_allocation_id"],
+            ctx=job.ctx,
+            pool=pool,
+            generation=generation,
+        )
+        if isinstance(released, BaseException):  # pragma: no cover - the row was just checked
+            raise released
+        return None
+
+
+def _replay(existing: Allocation, request: AllocationRequest) -> Allocation:
+    """An idempotent retry: the stored allocation, if the request asks for the same thing."""
+    same = existing.owner == request.owner and (
+        (request.prefix is not None and existing.prefix == request.prefix)
+        or (request.prefix is None and (request.length in (None, existing.prefix.length)))
+    )
+    if not same:
+        raise AlreadyExistsError(
+            f"Idempotency key {request.idempotency_key!r} was used for a different request "
+            f"({existing.prefix} for {existing.owner}); use a new key.",
+            conflicts=(str(existing.prefix),),
+        )
+    return existing
+
+
+# -- the use cases ---------------------------------------------------------------------------
+
+
+class Kipam:
+    """Every use case, over one database and one lock manager."""
+
+    def __init__(self, db: Database, locks: LockManager, *, batch_max: int = 256) -> None:
+        self.db = db
+        self.locks = locks
+        self.batch_max = batch_max
+        self._workers: dict[int, _PoolWorker] = {}
+
+    def _worker(self, pool_id: int) -> _PoolWorker:
+        worker = self._workers.get(pool_id)
+        if worker is None:
+            worker = self._workers[pool_id] = _PoolWorker(self, pool_id)
+        return worker
+
+    async def close(self) -> None:
+        """Wait for queued work to finish (bounded by the callers' own deadlines)."""
+        tasks = [w.task for w in self._workers.values() if w.task and not w.task.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    async def create_pool(  # noqa: PLR0913 - the pool's fields
+        self,
+        name: str,
+        *,
+        cidr: str | Prefix | None = None,
+        parent: str | None = None,
+        prefix_length: int | None = None,
+        role: str = "container",
+        space: str = "default",
+        policy: PoolPolicy | None = None,
+        labels: dict[str, str] | None = None,
+        ctx: RequestContext | None = None,
+    ) -> Pool:
+        """Create a root pool (``cidr``) or a child pool carved from ``parent``.
+
+        A child pool's CIDR is an allocation in its parent: by ``prefix_length`` (the parent
+        chooses) or by ``cidr`` (exact).
+
+        Raises:
+            InvalidRequestError: bad name, role, CIDR or policy; special-purpose ranges.
+            PoolNotFoundError: no such parent.
+            AlreadyExistsError: the name is taken, or the CIDR overlaps.
+        """
+        ctx = ctx or RequestContext()
+        check_pool_name(name)
+        if role not in ROLES:
+            raise InvalidRequestError(
+                f"role {role!r} is not one of {', '.join(ROLES)}.", field="role"
+            )
+        policy = policy or PoolPolicy()
+        labels = check_labels(labels or {})
+        prefix = _to_prefix(cidr, "cidr") if cidr is not None else None
+        if parent is None:
+            if prefix is None:
+                raise InvalidRequestError("A root pool needs a cidr.", field="cidr")
+            if prefix_length is not None:
+                raise InvalidRequestError(
+                    "prefix_length is for child pools; give a root pool its cidr.",
+                    field="prefix_length",
+                )
+            violations = check_special_purpose(
+                prefix, allow_documentation=policy.allow_documentation
+            )
+            if violations:
+                raise InvalidRequestError(" ".join(v.message for v in violations), field="cidr")
+            _check_policy(prefix, policy)
+            async with self.db.connection() as conn, conn.transaction():
+                space_id = await conn.fetchval(
+                    "WITH ins AS (INSERT INTO spaces (name) VALUES ($1) ON CONFLICT DO NOTHING"
+                    " RETURNING id) SELECT id FROM ins UNION ALL"
+                    " SELECT id FROM spaces WHERE name = $1",
+                    check_pool_name(space, "space"),
+                )
+                pool_id = await self._insert_pool(
+                    conn,
+                    name=name,
+                    cidr=prefix,
+                    role=role,
+                    policy=policy,
+                    labels=labels,
+                    ctx=ctx,
+                    space_id=space_id,
+                )
+            return await self.get_pool_by_id(pool_id)
+        parent_pool = await self.get_pool(parent)
+        if (prefix is None) == (prefix_length is None):
+            raise InvalidRequestError(
+                "A child pool needs exactly one of prefix_length or cidr.", field="prefix_length"
+            )
+        if space not in ("default", parent_pool.space):
+            raise InvalidRequestError("A child pool lives in its parent's space.", field="space")
+        if prefix is not None:
+            _check_policy(prefix, policy)
+        elif prefix_length is not None:
+            _check_policy(Prefix(parent_pool.cidr.version, 0, prefix_length), policy)
+        loop = asyncio.get_running_loop()
+        job = _CreateChild(
+            name, role, prefix_length, prefix, policy, labels, ctx, loop.create_future()
+        )
+        self._worker(parent_pool.id).submit(job)
+        return await self.get_pool_by_id(await job.future)
+
+    async def _insert_pool(  # noqa: PLR0913
+        self,
+        conn: asyncpg.Connection,
+        *,
+        name: str,
+        cidr: Prefix,
+        role: str,
+        policy: PoolPolicy,
+        labels: dict[str, str],
+        ctx: RequestContext,
+        space_id: int | None = None,
+        parent: tuple[int, int] | None = None,
+    ) -> int:
+        row = await conn.fetchrow(
+            """
+            WITH ins AS (
+                INSERT INTO pools (space_id, name, cidr, role, parent_id, parent_allocation_id,
+                                   policy, labels, revision)
+                SELECT coalesce($1, pp.space_id), $2, $3, $4, $5, $6, $7, $8,
+                       nextval('kipam_revision')
+                  FROM (SELECT 1) one LEFT JOIN pools pp ON pp.id = $5
+                RETURNING id, name, cidr, revision
+            )
+            INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation, prefix,
+                                 actor, request_id, trace_id, data)
+            SELECT revision, 'pool.created', id, name, 0, cidr, $9, $10, $11, $12 FROM ins
+            RETURNING pool_id
+            """,
+            space_id,
+            name,
+            str(cidr),
+            role,
+            parent[0] if parent else None,
+            parent[1] if parent else None,
+            policy.to_json(),
+            labels,
+            ctx.actor,
+            ctx.request_id,
+            ctx.trace_id,
+            {"policy": policy.to_json(), "labels": labels},
+        )
+        if row is None:  # pragma: no cover - INSERT ... RETURNING
+            raise AssertionError(name)
+        return int(row["pool_id"])
+
+    async def get_pool(self, name: str) -> Pool:
+        """The live pool of that name.
+
+        Raises:
+            PoolNotFoundError: none.
+        """
+        row = await self.db.fetchrow(
+            f"SELECT {POOL_COLUMNS} {_POOL_FROM} WHERE p.name = $1 AND p.deleted_at IS NULL",
+            check_pool_name(name, "pool"),
+        )
+        if row is None:
+            raise PoolNotFoundError(name)
+        return pool_from_row(row)
+
+    async def get_pool_by_id(self, pool_id: int) -> Pool:
+        """The live pool with that id."""
+        row = await self.db.fetchrow(
+            f"SELECT {POOL_COLUMNS} {_POOL_FROM} WHERE p.id = $1 AND p.deleted_at IS NULL", pool_id
+        )
+        if row is None:
+            raise PoolNotFoundError(f"#{pool_id}")
+        return pool_from_row(row)
+
+    async def list_pools(  # noqa: PLR0913 - the filters
+        self,
+        *,
+        space: str | None = None,
+        role: str | None = None,
+        parent: str | None = None,
+        selector: str = "",
+        family: int | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[Pool]:
+        """Live pools, by name, filtered; keyset pagination on the name."""
+        limit = _check_limit(limit)
+        args: list[object] = []
+        where = ["p.deleted_at IS NULL"]
+        for column, value in (("s.name", space), ("p.role", role), ("pp.name", parent)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if family is not None:
+            if family not in (4, 6):
+                raise InvalidRequestError("family must be 4 or 6.", field="family")
+            args.append(family)
+            where.append(f"family(p.cidr) = ${len(args)}")
+        where += _selector_sql(parse_selector(selector), "p.labels", args)
+        if after is not None:
+            args.append(after)
+            where.append(f"p.name > ${len(args)}")
+        args.append(limit + 1)
+        rows = await self.db.fetch(
+            f"SELECT {POOL_COLUMNS} {_POOL_FROM} WHERE {' AND '.join(where)}"
+            f" ORDER BY p.name LIMIT ${len(args)}",
+            *args,
+        )
+        pools = [pool_from_row(r) for r in rows[:limit]]
+        return Page(pools, pools[-1].name if len(rows) > limit else None)
+
+    async def delete_pool(self, name: str, *, ctx: RequestContext | None = None) -> None:
+        """Delete a pool that holds nothing (active or quarantined). History is kept.
+
+        A child pool's CIDR goes back to its parent (through the parent's quarantine).
+
+        Raises:
+            PoolNotFoundError: none.
+            PreconditionFailedError: it still holds prefixes or child pools.
+        """
+        ctx = ctx or RequestContext()
+        pool = await self.get_pool(name)
+        if pool.parent is not None:
+            parent = await self.get_pool(pool.parent)
+            job = _DeleteChild(pool.id, ctx, asyncio.get_running_loop().create_future())
+            self._worker(parent.id).submit(job)
+            await job.future
+            return
+        async with self.db.connection() as conn, conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT id FROM pools WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", pool.id
+            )
+            if locked is None:
+                raise PoolNotFoundError(name)
+            error = await self._check_empty(conn, pool.id, name)
+            if error is not None:
+                raise error
+            await self._mark_deleted(conn, pool.id, name, ctx)
+
+    async def _check_empty(
+        self, conn: asyncpg.Connection, pool_id: int, name: str
+    ) -> ServiceError | None:
+        held = await conn.fetchval(
+            "SELECT count(*) FROM allocations WHERE pool_id = $1"
+            " AND (state = 'active' OR (state = 'quarantined' AND reusable_at > now()))",
+            pool_id,
+        )
+        if held:
+            return PreconditionFailedError(
+                f"Pool {name} still holds {held} prefix(es) (active or in quarantine); release "
+                "them, and wait out the quarantine, before deleting it."
+            )
+        return None
+
+    async def _mark_deleted(
+        self, conn: asyncpg.Connection, pool_id: int, name: str, ctx: RequestContext
+    ) -> None:
+        await conn.execute(
+            """
+            WITH upd AS (
+                UPDATE pools SET deleted_at = now(), generation = generation + 1
+                 WHERE id = $1 RETURNING id, name, cidr, generation
+            )
+            INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation, prefix,
+                                 actor, request_id, trace_id)
+            SELECT nextval('kipam_revision'), 'pool.deleted', id, name, generation, cidr,
+                   $2, $3, $4 FROM upd
+            """,
+            pool_id,
+            ctx.actor,
+            ctx.request_id,
+            ctx.trace_id,
+        )
+        self._workers.pop(pool_id, None)
+        _log.info("pool %s deleted by %s", name, ctx.actor)
+
+    # -- allocations -----------------------------------------------------------------------------
+
+    async def allocate(  # noqa: PLR0913 - the request's fields
+        self,
+        pool: str,
+        *,
+        owner: str,
+        length: int | None = None,
+        prefix: str | Prefix | None = None,
+        labels: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+        ctx: RequestContext | None = None,
+    ) -> tuple[Allocation, bool]:
+        """Allocate one prefix: the next free one of ``length``, or exactly ``prefix``.
+
+        Returns:
+            The allocation and whether it was created now (False: an idempotent replay). A dry
+            run returns what would be allocated, with id 0, and writes nothing.
+
+        Raises:
+            InvalidRequestError, PolicyViolationError: a bad request.
+            PoolNotFoundError: no such pool.
+            PoolExhaustedError: nothing of that length is free.
+            PrefixConflictError, AlreadyExistsError: the exact prefix is taken; the key was used
+                for a different request.
+            UnavailableError: the database or the lock did not answer in time.
+        """
+        request = _request(owner, length, prefix, labels, idempotency_key)
+        [answer] = await self.allocate_many(pool, [request], dry_run=dry_run, ctx=ctx)
+        return answer
+
+    async def allocate_many(
+        self,
+        pool: str,
+        requests: Sequence[AllocationRequest],
+        *,
+        dry_run: bool = False,
+        ctx: RequestContext | None = None,
+    ) -> list[tuple[Allocation, bool]]:
+        """Allocate several prefixes from one pool, all or nothing, in one transaction."""
+        ctx = ctx or RequestContext()
+        if not requests:
+            raise InvalidRequestError("A batch needs at least one request.", field="requests")
+        if len(requests) > MAX_BATCH:
+            raise InvalidRequestError(
+                f"A batch holds at most {MAX_BATCH} requests, not {len(requests)}.",
+                field="requests",
+            )
+        requests = [
+            _request(r.owner, r.length, r.prefix, r.labels, r.idempotency_key) for r in requests
+        ]
+        target = await self.get_pool(pool)
+        for request in requests:
+            if request.prefix is not None and request.prefix.version != target.cidr.version:
+                raise InvalidRequestError(
+                    f"{request.prefix} is IPv{request.prefix.version}; pool {pool} is "
+                    f"IPv{target.cidr.version}.",
+                    field="prefix",
+                )
+        if not dry_run and all(r.idempotency_key for r in requests):
+            replay = await self._replays(target, requests)
+            if replay is not None:
+                return replay
+        job = _Allocate(list(requests), dry_run, ctx, asyncio.get_running_loop().create_future())
+        self._worker(target.id).submit(job)
+        answers = await job.future
+        return [
+            (_preview(target, request, item), created)
+            for request, (item, created) in zip(requests, answers, strict=True)
+        ]
+
+    async def _replays(
+        self, pool: Pool, requests: Sequence[AllocationRequest]
+    ) -> list[tuple[Allocation, bool]] | None:
+        """Step 1 of the path: every key already used? Then answer without any lock."""
+        rows = await self.db.fetch(
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+            " WHERE a.pool_id = $1 AND a.idempotency_key = ANY($2::text[])",
+            pool.id,
+            [r.idempotency_key for r in requests],
+        )
+        if len(rows) < len({r.idempotency_key for r in requests}):
+            return None
+        found = {r["idempotency_key"]: allocation_from_row(r) for r in rows}
+        return [(_replay(found[cast("str", r.idempotency_key)], r), False) for r in requests]
+
+    async def release(self, allocation_id: int, *, ctx: RequestContext | None = None) -> Allocation:
+        """Release an allocation: to quarantine, or released at once if the pool has none.
+
+        Idempotent: releasing again returns the allocation in its current state.
+
+        Raises:
+            AllocationNotFoundError: no such allocation.
+            PreconditionFailedError: it is a live child pool's CIDR.
+        """
+        ctx = ctx or RequestContext()
+        row = await self.db.fetchrow("SELECT pool_id FROM allocations WHERE id = $1", allocation_id)
+        if row is None:
+            raise AllocationNotFoundError(allocation_id)
+        job = _Release(allocation_id, ctx, asyncio.get_running_loop().create_future())
+        self._worker(row["pool_id"]).submit(job)
+        return await job.future
+
+    async def get_allocation(self, allocation_id: int) -> Allocation:
+        """One allocation, in any state."""
+        row = await self.db.fetchrow(
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.id = $1", allocation_id
+        )
+        if row is None:
+            raise AllocationNotFoundError(allocation_id)
+        return allocation_from_row(row)
+
+    async def list_allocations(  # noqa: PLR0913 - the filters
+        self,
+        *,
+        pool: str | None = None,
+        owner: str | None = None,
+        selector: str = "",
+        state: str | None = None,
+        family: int | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[Allocation]:
+        """Allocations, oldest first, filtered; keyset pagination on the id."""
+        limit = _check_limit(limit)
+        args: list[object] = []
+        where: list[str] = []
+        if pool is not None:
+            args.append((await self.get_pool(pool)).id)
+            where.append(f"a.pool_id = ${len(args)}")
+        if owner is not None:
+            args.append(owner)
+            where.append(f"a.owner = ${len(args)}")
+        if state is not None:
+            if state not in STATES:
+                raise InvalidRequestError(
+                    f"state must be one of {', '.join(STATES)}.", field="state"
+                )
+            args.append(state)
+            where.append(f"a.state = ${len(args)}")
+        if family is not None:
+            if family not in (4, 6):
+                raise InvalidRequestError("family must be 4 or 6.", field="family")
+            args.append(family)
+            where.append(f"family(a.prefix) = ${len(args)}")
+        where += _selector_sql(parse_selector(selector), "a.labels", args)
+        if after is not None:
+            if not after.isdigit():
+                raise InvalidRequestError("The page cursor is not valid.", field="after")
+            args.append(int(after))
+            where.append(f"a.id > ${len(args)}")
+        args.append(limit + 1)
+        rows = await self.db.fetch(
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f" ORDER BY a.id LIMIT ${len(args)}",
+            *args,
+        )
+        items = [allocation_from_row(r) for r in rows[:limit]]
+        return Page(items, str(items[-1].id) if len(rows) > limit else None)
+
+    async def lookup(self, address: str, *, at: dt.datetime | None = None) -> list[Allocation]:
+        """Allocations holding ``address`` now (or at ``at``), innermost first.
+
+        An allocation holds its prefix from creation until it is released; quarantine and
+        release are both the end of the holding.
+        """
+        ip = _to_address(address)
+        if at is None:
+            rows = await self.db.fetch(
+                f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+                " WHERE a.prefix >>= $1::inet AND a.state = 'active'"
+                " ORDER BY masklen(a.prefix) DESC, a.id",
+                str(ip.to_network().network_address),
+            )
+        else:
+            if at.tzinfo is None:
+                raise InvalidRequestError("at needs a time zone (e.g. ...Z).", field="at")
+            rows = await self.db.fetch(
+                f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+                " WHERE a.prefix >>= $1::inet AND a.created_at <= $2"
+                " AND (a.released_at IS NULL OR a.released_at > $2)"
+                " ORDER BY masklen(a.prefix) DESC, a.id",
+                str(ip.to_network().network_address),
+                at,
+            )
+        return [allocation_from_row(r) for r in rows]
+
+    async def usage(self, pool: str, *, length: int | None = None) -> PoolUsage:
+        """How full a pool is, from its engine (no table scan)."""
+        target = await self.get_pool(pool)
+        worker = self._worker(target.id)
+        async with worker.mutex, self.db.connection() as conn:
+            generation = await conn.fetchval(
+                "SELECT generation FROM pools WHERE id = $1", target.id
+            )
+            engine = await worker.fresh_engine(conn, generation)
+            quarantined = await conn.fetchval(
+                "SELECT count(*) FROM allocations WHERE pool_id = $1 AND state = 'quarantined'",
+                target.id,
+            )
+            try:
+                usage = engine.usage(length)
+            except EngineError as exc:
+                raise InvalidRequestError(exc.message, field="length") from exc
+        return PoolUsage(
+            pool=target.name,
+            cidr=target.cidr,
+            total=usage.total,
+            allocated=usage.allocated,
+            reserved=usage.reserved,
+            free=usage.free,
+            allocations=usage.allocations,
+            quarantined=int(quarantined),
+            length=length,
+            free_blocks=usage.free_blocks,
+            largest_free=usage.largest_free,
+            fragmentation=usage.fragmentation,
+            utilization=usage.utilization,
+        )
+
+    async def available(
+        self, pool: str, *, length: int | None = None, limit: int = 100
+    ) -> list[Prefix]:
+        """The first free prefixes of ``length`` in address order (what could be taken now)."""
+        limit = _check_limit(limit)
+        target = await self.get_pool(pool)
+        worker = self._worker(target.id)
+        async with worker.mutex, self.db.connection() as conn:
+            generation = await conn.fetchval(
+                "SELECT generation FROM pools WHERE id = $1", target.id
+            )
+            engine = await worker.fresh_engine(conn, generation)
+            return engine.available(length, limit)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _to_prefix(value: str | Prefix, field_name: str) -> Prefix:
+    if isinstance(value, Prefix):
+        return value
+    try:
+        return parse_prefix(value)
+    except EngineError as exc:
+        raise InvalidRequestError(exc.message, field=field_name) from exc
+
+
+def _to_address(value: str) -> Prefix:
+    try:
+        return parse_address(value)
+    except EngineError as exc:
+        raise InvalidRequestError(exc.message, field="address") from exc
+
+
+def _check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequestError(f"limit must be from 1 to {MAX_PAGE}.", field="limit")
+    return limit
+
+
+def _check_policy(cidr: Prefix, policy: PoolPolicy) -> None:
+    """Build a throwaway engine: it checks lengths, alignment and reserved ranges for us."""
+    try:
+        PoolAllocator(cidr, policy.engine_policy())
+    except EngineError as exc:
+        raise InvalidRequestError(exc.message, field="policy") from exc
+    if policy.quarantine_seconds < 0 or policy.quarantine_seconds > 10 * 365 * 86400:
+        raise InvalidRequestError(
+            "quarantine_seconds must be from 0 to ten years.", field="policy.quarantine_seconds"
+        )
+
+
+def _request(
+    owner: str,
+    length: int | None,
+    prefix: str | Prefix | None,
+    labels: dict[str, str] | None,
+    idempotency_key: str | None,
+) -> AllocationRequest:
+    if length is not None and prefix is not None:
+        raise InvalidRequestError("Give either prefix_length or prefix, not both.", field="prefix")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
+        raise InvalidRequestError("prefix_length must be an integer.", field="prefix_length")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
+        raise InvalidRequestError(
+            "An idempotency key has 1 to 256 characters.", field="idempotency_key"
+        )
+    return AllocationRequest(
+        owner=check_owner(owner),
+        length=length,
+        prefix=_to_prefix(prefix, "prefix") if prefix is not None else None,
+        labels=check_labels(labels or {}),
+        idempotency_key=idempotency_key,
+    )
+
+
+def _answer(
+    decided: list[object], inserted: dict[str, Allocation]
+) -> list[tuple[Allocation | Prefix, bool]] | BaseException:
+    """One allocate job's answer once its rows are written (prefixes stay prefixes in a dry run)."""
+    if len(decided) == 1 and isinstance(decided[0], BaseException):
+        return decided[0]
+    out: list[tuple[Allocation | Prefix, bool]] = []
+    for item in decided:
+        if isinstance(item, Allocation):
+            out.append((item, False))
+        elif isinstance(item, Prefix):
+            out.append((inserted.get(str(item), item), True))
+        elif isinstance(item, tuple):  # a key used twice in one batch: the first one's row
+            key = item[1]
+            out.append((next(a for a in inserted.values() if a.idempotency_key == key), False))
+        else:  # pragma: no cover
+            raise TypeError(item)
+    return out
+
+
+def _preview(pool: Pool, request: AllocationRequest, decided: Allocation | Prefix) -> Allocation:
+    """The allocation for an answer; a dry run's prefix becomes one with id 0, unsaved."""
+    if isinstance(decided, Allocation):
+        return decided
+    now = dt.datetime.now(dt.UTC)
+    return Allocation(
+        id=0,
+        pool=pool.name,
+        prefix=decided,
+        owner=request.owner,
+        labels=request.labels,
+        state="active",
+        created_at=now,
+        released_at=None,
+        reusable_at=None,
+        revision=0,
+        idempotency_key=request.idempotency_key,
+    )
