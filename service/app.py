@@ -102,7 +102,7 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
             settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s
         )
         await locks.start()
-        kipam = Kipam(db, locks, batch_max=settings.batch_max)
+        kipam = Kipam(db, locks, batch_max=settings.batch_max, lanes=settings.write_lanes)
         try:
             yield Resources(settings, db, locks, kipam, kind)
         finally:
@@ -137,7 +137,7 @@ def build_http_app(res: Resources) -> Litestar:
         }
         return Response(body, status_code=200 if ready else 503)
 
-    return Litestar(route_handlers=[healthz, readyz], openapi_config=None)
+    return Litestar(route_handlers=[healthz, readyz], openapi_config=None, logging_config=None)
 
 
 class _Server(uvicorn.Server):

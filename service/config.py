@@ -43,7 +43,8 @@ class Settings:
         db_pool_min: Connections kept open to PostgreSQL.
         db_pool_max: Most connections opened to PostgreSQL.
         statement_timeout_s: Upper bound on any one SQL statement.
-        batch_max: Most queued requests one pool serves in one transaction (group commit).
+        batch_max: Most queued requests served in one transaction (group commit).
+        write_lanes: Transactions this process runs at once; pools are split between lanes.
     """
 
     database_url: str | None = None
@@ -58,6 +59,7 @@ class Settings:
     db_pool_max: int = 20
     statement_timeout_s: float = 10.0
     batch_max: int = 256
+    write_lanes: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +85,7 @@ class Settings:
             db_pool_max=int(number("DB_POOL_MAX", cls.db_pool_max, minimum=1)),
             statement_timeout_s=number("STATEMENT_TIMEOUT_S", cls.statement_timeout_s, minimum=0.1),
             batch_max=int(number("BATCH_MAX", cls.batch_max, minimum=1)),
+            write_lanes=int(number("WRITE_LANES", cls.write_lanes, minimum=1)),
         )
         parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
         parse_listen_address(settings.grpc_addr, "KIPAM_GRPC_ADDR")

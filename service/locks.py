@@ -51,14 +51,22 @@ from redis.exceptions import LockNotOwnedError, RedisError
 from service.errors import DatabaseUnavailableError, LockTimeoutError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from asyncpg.pool import PoolConnectionProxy
 
     # What enter_transaction accepts: a plain connection or one lent by an asyncpg pool.
     Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
-__all__ = ["ADVISORY_NAMESPACE", "Backend", "LockHold", "LockManager", "RedisState", "advisory_key"]
+__all__ = [
+    "ADVISORY_NAMESPACE",
+    "Backend",
+    "LockHold",
+    "LockManager",
+    "RedisState",
+    "advisory_key",
+    "enter_transaction_all",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +203,52 @@ class LockHold:
         finally:
             self.waited_s += time.monotonic() - started
         self._entered = True
+
+
+async def enter_transaction_all(conn: Connection, holds: Sequence[LockHold]) -> None:
+    """:meth:`LockHold.enter_transaction` for several pools' holds in one round trip.
+
+    Advisory locks are taken in key order (as every replica does), so two transactions that
+    lock overlapping sets of pools never deadlock. Redis holds need nothing here.
+
+    Raises:
+        RuntimeError: ``conn`` is not in a transaction.
+        LockTimeoutError: one of the locks was not granted within the smallest wait budget.
+        DatabaseUnavailableError: the connection broke or the database refused the query.
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("enter_transaction_all() needs a connection inside a transaction")
+    pending = [h for h in holds if h.backend == "advisory" and not h._entered]  # noqa: SLF001
+    if len(pending) <= 1:
+        for hold in pending:
+            await hold.enter_transaction(conn)
+        return
+    keys = sorted({advisory_key(h.pool_id) for h in pending})
+    budget = min(h._advisory_wait_s for h in pending)  # noqa: SLF001
+    timeout_ms = max(1, math.ceil(budget * 1000))
+    # Integers formatted by us, never input: one simple-protocol round trip.
+    sql = (
+        f"SET LOCAL lock_timeout = '{timeout_ms}ms'; "
+        + "".join(f"SELECT pg_advisory_xact_lock({ns}, {key}); " for ns, key in keys)
+        + "SET LOCAL lock_timeout TO DEFAULT"
+    )
+    started = time.monotonic()
+    try:
+        await conn.execute(sql)
+    except _NOT_GRANTED as exc:
+        pools = ", ".join(str(h.pool_id) for h in pending)
+        raise LockTimeoutError(
+            f"The locks of pools {pools} were not granted within {timeout_ms} ms "
+            "(PostgreSQL advisory locks); try again."
+        ) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL failed while locking pools: {exc}") from exc
+    finally:
+        waited = time.monotonic() - started
+        for hold in pending:
+            hold.waited_s += waited
+    for hold in pending:
+        hold._entered = True  # noqa: SLF001
 
 
 class LockManager:

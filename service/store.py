@@ -69,8 +69,10 @@ _UNAVAILABLE: Final = (
 )
 
 
-def prefix_from_db(value: ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> Prefix:
-    """A ``cidr`` value as asyncpg returns it (an ipaddress network) to an engine prefix."""
+def prefix_from_db(value: Prefix | ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> Prefix:
+    """A ``cidr`` value as read from the database: our codec gives prefixes already."""
+    if isinstance(value, Prefix):
+        return value
     if isinstance(value, str):
         return parse_prefix(value)
     return Prefix(value.version, int(value.network_address), value.prefixlen)
@@ -165,11 +167,32 @@ def translate(exc: BaseException) -> ServiceError:
     return DatabaseUnavailableError(f"The database failed: {type(exc).__name__}: {exc}")
 
 
+# PostgreSQL's binary cidr: family (2 = IPv4, 3 = IPv6), prefix length, is-cidr flag, number
+# of address bytes, then the address. Encoding engine prefixes directly skips the text and
+# ipaddress round trips, which cost more than the rest of a batch insert together.
+_PG_AF: Final = {4: 2, 6: 3}
+_VERSION: Final = {2: 4, 3: 6}
+
+
+def _encode_cidr(value: Prefix | str) -> bytes:
+    prefix = value if isinstance(value, Prefix) else parse_prefix(str(value))
+    size = 16 if prefix.version == 6 else 4
+    header = bytes((_PG_AF[prefix.version], prefix.length, 1, size))
+    return header + prefix.value.to_bytes(size, "big")
+
+
+def _decode_cidr(data: bytes) -> Prefix:
+    return Prefix(_VERSION[data[0]], int.from_bytes(data[4 : 4 + data[3]], "big"), data[1])
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
         )
+    await conn.set_type_codec(
+        "cidr", encoder=_encode_cidr, decoder=_decode_cidr, schema="pg_catalog", format="binary"
+    )
 
 
 class Database:

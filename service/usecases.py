@@ -22,6 +22,7 @@ see every change committed before them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -47,6 +48,7 @@ from service.errors import (
     PreconditionFailedError,
     ServiceError,
 )
+from service.locks import enter_transaction_all
 from service.models import (
     ROLES,
     STATES,
@@ -88,23 +90,27 @@ _POOL_FROM: Final = """
 _ALLOCATION_FROM: Final = "FROM allocations a JOIN pools p ON p.id = a.pool_id"
 _INSERT_ALLOCATIONS: Final = """
 WITH new AS (
-    SELECT * FROM unnest($3::cidr[], $4::text[], $5::jsonb[], $6::text[], $7::int[])
-        AS t(prefix, owner, labels, idempotency_key, ord)
+    SELECT * FROM unnest($1::bigint[], $2::cidr[], $3::text[], $4::bigint[], $5::cidr[],
+                         $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[],
+                         $11::text[], $12::int[])
+        AS t(pool_id, pool_cidr, pool_name, generation, prefix, owner, labels,
+             idempotency_key, actor, request_id, trace_id, ord)
 ), ins AS (
     INSERT INTO allocations (pool_id, pool_cidr, prefix, owner, labels, idempotency_key, revision)
-    SELECT $1, $2, prefix, owner, labels, idempotency_key, nextval('kipam_revision')
+    SELECT pool_id, pool_cidr, prefix, owner, labels, idempotency_key, nextval('kipam_revision')
       FROM new ORDER BY ord
     RETURNING *
 ), hist AS (
     INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation, allocation_id,
                          prefix, owner, actor, request_id, trace_id, data)
-    SELECT revision, 'allocation.created', $1, $8, $9, id, prefix, owner, $10, $11, $12,
-           jsonb_build_object('labels', labels)
-      FROM ins
+    SELECT ins.revision, 'allocation.created', ins.pool_id, new.pool_name, new.generation,
+           ins.id, ins.prefix, ins.owner, new.actor, new.request_id, new.trace_id,
+           jsonb_build_object('labels', ins.labels)
+      FROM ins JOIN new ON new.pool_id = ins.pool_id AND new.prefix = ins.prefix
 )
-SELECT ins.id, $8::text AS pool, ins.prefix, ins.owner, ins.labels, ins.state, ins.created_at,
-       ins.released_at, ins.reusable_at, ins.revision, ins.idempotency_key
-  FROM ins ORDER BY ins.prefix
+SELECT ins.id, ins.pool_id, new.pool_name AS pool, ins.prefix, ins.owner, ins.labels, ins.state,
+       ins.created_at, ins.released_at, ins.reusable_at, ins.revision, ins.idempotency_key
+  FROM ins JOIN new ON new.pool_id = ins.pool_id AND new.prefix = ins.prefix
 """
 _SELECTOR: Final = re.compile(
     r"\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9][-A-Za-z0-9_./]*)\s*"
@@ -160,11 +166,12 @@ def _selector_sql(selector: Selector, column: str, args: list[object]) -> list[s
     return clauses
 
 
-# -- the per-pool worker ---------------------------------------------------------------------
+# -- write lanes -----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Allocate:
+    pool_id: int
     requests: list[AllocationRequest]
     dry_run: bool
     ctx: RequestContext
@@ -174,6 +181,7 @@ class _Allocate:
 
 @dataclass(slots=True)
 class _Release:
+    pool_id: int
     allocation_id: int
     ctx: RequestContext
     future: asyncio.Future[Allocation]
@@ -181,6 +189,7 @@ class _Release:
 
 @dataclass(slots=True)
 class _CreateChild:
+    pool_id: int  # the parent
     name: str
     role: str
     length: int | None
@@ -193,6 +202,7 @@ class _CreateChild:
 
 @dataclass(slots=True)
 class _DeleteChild:
+    pool_id: int  # the parent
     child_id: int
     ctx: RequestContext
     future: asyncio.Future[None]
@@ -202,56 +212,172 @@ _Job = _Allocate | _Release | _CreateChild | _DeleteChild
 
 
 @dataclass(slots=True)
-class _Write:
-    """What one batch writes: the rows for new allocations and the id of each state change."""
+class _Locked:
+    """A pool whose row the batch's transaction has locked, with its fresh engine."""
 
-    prefixes: list[str] = field(default_factory=list)
+    id: int
+    name: str
+    cidr: object  # as asyncpg returns it, passed back unchanged
+    generation: int  # before this transaction
+    policy: PoolPolicy
+    engine: PoolAllocator
+    changed: bool = False
+
+    @property
+    def next_generation(self) -> int:
+        """The generation this transaction writes if it changes the pool."""
+        return self.generation + 1
+
+
+@dataclass(slots=True)
+class _Write:
+    """New allocation rows of one transaction, across pools, with who asked for each."""
+
+    pool_ids: list[int] = field(default_factory=list)
+    pool_cidrs: list[object] = field(default_factory=list)
+    pool_names: list[str] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
+    prefixes: list[Prefix] = field(default_factory=list)
     owners: list[str] = field(default_factory=list)
     labels: list[dict[str, str]] = field(default_factory=list)
     keys: list[str | None] = field(default_factory=list)
+    actors: list[str] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+    trace_ids: list[str | None] = field(default_factory=list)
 
-    def add(self, prefix: Prefix, request: AllocationRequest) -> None:
-        self.prefixes.append(str(prefix))
+    def add(
+        self, pool: _Locked, prefix: Prefix, request: AllocationRequest, ctx: RequestContext
+    ) -> None:
+        self.pool_ids.append(pool.id)
+        self.pool_cidrs.append(pool.cidr)
+        self.pool_names.append(pool.name)
+        self.generations.append(pool.next_generation)
+        self.prefixes.append(prefix)
         self.owners.append(request.owner)
         self.labels.append(request.labels)
         self.keys.append(request.idempotency_key)
+        self.actors.append(ctx.actor)
+        self.request_ids.append(ctx.request_id)
+        self.trace_ids.append(ctx.trace_id)
+        pool.changed = True
+
+    def args(self) -> tuple[object, ...]:
+        return (
+            self.pool_ids,
+            self.pool_cidrs,
+            self.pool_names,
+            self.generations,
+            self.prefixes,
+            self.owners,
+            self.labels,
+            self.keys,
+            self.actors,
+            self.request_ids,
+            self.trace_ids,
+            list(range(len(self.prefixes))),
+        )
 
 
 class _CacheWrongError(Exception):
     """The database refused what the engine decided: the cache disagreed with the truth."""
 
 
-class _PoolWorker:
-    """Serves one pool's writes and engine reads in this process, in batches."""
+class _Engines:
+    """This process's engine per pool (invariant 6), and a mutex per pool guarding it."""
 
-    def __init__(self, kipam: Kipam, pool_id: int) -> None:
+    def __init__(self) -> None:
+        self._engines: dict[int, PoolAllocator] = {}
+        self._mutexes: dict[int, asyncio.Lock] = {}
+
+    def mutex(self, pool_id: int) -> asyncio.Lock:
+        lock = self._mutexes.get(pool_id)
+        if lock is None:
+            lock = self._mutexes[pool_id] = asyncio.Lock()
+        return lock
+
+    def discard(self, pool_id: int) -> None:
+        self._engines.pop(pool_id, None)
+
+    async def fresh(self, conn: asyncpg.Connection, pool_id: int, generation: int) -> PoolAllocator:
+        """The pool's engine at ``generation``: as is, refreshed from changes, or rebuilt."""
+        engine = self._engines.get(pool_id)
+        if engine is not None and engine.generation == generation:
+            return engine
+        if engine is not None and engine.generation < generation:
+            rows = await conn.fetch(
+                "SELECT kind, prefix FROM changes WHERE pool_id = $1 AND pool_generation > $2"
+                " AND kind IN ('allocation.created', 'allocation.released') ORDER BY revision",
+                pool_id,
+                engine.generation,
+            )
+            try:
+                for row in rows:
+                    prefix = prefix_from_db(row["prefix"])
+                    if row["kind"] == "allocation.created":
+                        engine.occupy(prefix)
+                    else:
+                        engine.release(prefix)
+            except EngineError:
+                _log.warning("pool %s: replay failed; rebuilding the engine", pool_id)
+            else:
+                engine.generation = generation
+                return engine
+        return await self._rebuild(conn, pool_id, generation)
+
+    async def _rebuild(
+        self, conn: asyncpg.Connection, pool_id: int, generation: int
+    ) -> PoolAllocator:
+        self._engines.pop(pool_id, None)
+        row = await conn.fetchrow("SELECT cidr, policy FROM pools WHERE id = $1", pool_id)
+        if row is None:  # pragma: no cover - callers hold the pool row
+            raise PoolNotFoundError(f"#{pool_id}")
+        held = await conn.fetch(
+            "SELECT prefix FROM allocations WHERE pool_id = $1 AND state <> 'released'", pool_id
+        )
+        policy = PoolPolicy.from_json(row["policy"]).engine_policy()
+        engine = PoolAllocator(
+            prefix_from_db(row["cidr"]), policy, (prefix_from_db(r["prefix"]) for r in held)
+        )
+        engine.generation = generation
+        self._engines[pool_id] = engine
+        return engine
+
+
+class _Lane:
+    """Serves the writes of a fixed set of pools, a batch per transaction.
+
+    Jobs queue while a transaction runs; the next transaction takes everything queued (up
+    to ``batch_max``), across the lane's pools: requests that waited are served together
+    (group commit), each with its own answer or its own failure. Pools belong to one lane
+    each (``pool_id % lanes``), so lanes never contend for a pool within a process.
+    """
+
+    def __init__(self, kipam: Kipam, number: int) -> None:
         self.kipam = kipam
-        self.pool_id = pool_id
+        self.number = number
         self.queue: deque[_Job] = deque()
         self.task: asyncio.Task[None] | None = None
-        self.engine: PoolAllocator | None = None
-        self.mutex = asyncio.Lock()
 
     def submit(self, job: _Job) -> None:
         self.queue.append(job)
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._drain(), name=f"kipam-pool-{self.pool_id}")
+            self.task = asyncio.create_task(self._drain(), name=f"kipam-lane-{self.number}")
 
     async def _drain(self) -> None:
         while self.queue:
             batch: list[_Job] = []
             while self.queue and len(batch) < self.kipam.batch_max:
-                batch.append(self.queue.popleft())
-            batch = [job for job in batch if not job.future.done()]  # callers that gave up
+                job = self.queue.popleft()
+                if not job.future.done():  # skip callers that gave up
+                    batch.append(job)
             if not batch:
                 continue
             try:
-                async with self.mutex:
-                    await self._run(batch)
+                await self._run(batch)
             except BaseException as exc:  # every waiter gets the failure
                 error = exc if isinstance(exc, ServiceError) else translate(exc)
                 if not isinstance(exc, ServiceError | asyncpg.PostgresError | OSError):
-                    _log.exception("pool %s: batch failed", self.pool_id)
+                    _log.exception("lane %s: batch failed", self.number)
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(error)
@@ -263,124 +389,63 @@ class _PoolWorker:
             await self._transaction(batch)
         except _CacheWrongError:
             # Nothing was answered yet: answers are set only after COMMIT.
-            _log.warning(
-                "pool %s: engine cache disagreed with the database; rebuilding", self.pool_id
-            )
+            _log.warning("lane %s: an engine disagreed with the database; rebuilt", self.number)
             try:
                 await self._transaction(batch)
             except _CacheWrongError as exc:
                 raise translate(exc.__cause__ or exc) from exc
 
-    async def fresh_engine(self, conn: asyncpg.Connection, generation: int) -> PoolAllocator:
-        """The engine for this pool at ``generation``: refreshed from changes, or rebuilt."""
-        engine = self.engine
-        if engine is not None and engine.generation == generation:
-            return engine
-        if engine is not None and engine.generation < generation:
-            rows = await conn.fetch(
-                "SELECT kind, prefix FROM changes WHERE pool_id = $1 AND pool_generation > $2"
-                " AND kind IN ('allocation.created', 'allocation.released') ORDER BY revision",
-                self.pool_id,
-                engine.generation,
-            )
-            try:
-                for row in rows:
-                    prefix = prefix_from_db(row["prefix"])
-                    if row["kind"] == "allocation.created":
-                        engine.occupy(prefix)
-                    else:
-                        engine.release(prefix)
-            except EngineError:
-                _log.warning("pool %s: replay failed; rebuilding the engine", self.pool_id)
-            else:
-                engine.generation = generation
-                return engine
-        return await self._rebuild(conn, generation)
-
-    async def _rebuild(self, conn: asyncpg.Connection, generation: int) -> PoolAllocator:
-        self.engine = None
-        row = await conn.fetchrow("SELECT cidr, policy FROM pools WHERE id = $1", self.pool_id)
-        if row is None:  # pragma: no cover - callers hold the pool row
-            raise PoolNotFoundError(str(self.pool_id))
-        held = await conn.fetch(
-            "SELECT prefix FROM allocations WHERE pool_id = $1 AND state <> 'released'",
-            self.pool_id,
-        )
-        policy = PoolPolicy.from_json(row["policy"]).engine_policy()
-        engine = PoolAllocator(
-            prefix_from_db(row["cidr"]), policy, (prefix_from_db(r["prefix"]) for r in held)
-        )
-        engine.generation = generation
-        self.engine = engine
-        return engine
-
-    async def _transaction(self, batch: list[_Job]) -> None:  # noqa: C901, PLR0912, PLR0915 - the write path in one place
+    async def _transaction(self, batch: list[_Job]) -> None:  # noqa: C901, PLR0912 - the write path in one place
         kipam = self.kipam
+        pool_ids = sorted({job.pool_id for job in batch})
         results: list[tuple[_Job, object]] = []
-        # The Redis lock is waited for before a connection is taken: waiting holds none.
-        async with kipam.locks.hold(self.pool_id) as hold, kipam.db.connection() as conn:
+        locked: dict[int, _Locked] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            # Always in pool id order, here and in every replica: no deadlocks.
+            for pool_id in pool_ids:
+                await stack.enter_async_context(kipam.engines.mutex(pool_id))
+            # The Redis locks are waited for before a connection is taken: waiting holds none.
+            holds = [
+                await stack.enter_async_context(kipam.locks.hold(pool_id)) for pool_id in pool_ids
+            ]
+            conn = await stack.enter_async_context(kipam.db.connection())
             try:
                 async with conn.transaction():
-                    await hold.enter_transaction(conn)
-                    pool = await conn.fetchrow(
-                        "SELECT p.name, p.cidr, p.generation, p.policy, EXISTS ("
-                        "  SELECT 1 FROM allocations WHERE pool_id = p.id AND state = 'quarantined'"
-                        "  AND reusable_at <= now()) AS due"
-                        " FROM pools p WHERE p.id = $1 AND p.deleted_at IS NULL FOR UPDATE",
-                        self.pool_id,
-                    )
-                    if pool is None:
-                        raise PoolNotFoundError(f"#{self.pool_id}")  # noqa: TRY301 - rolls back
-                    generation = pool["generation"] + 1
-                    engine = await self.fresh_engine(conn, pool["generation"])
-                    changed = False
-                    if pool["due"]:
-                        changed = await self._sweep(conn, engine, pool["name"], generation)
+                    await enter_transaction_all(conn, holds)
+                    await self._lock_pools(conn, pool_ids, locked)
                     write = _Write()
                     pending: list[tuple[_Allocate, list[object]]] = []
-                    result: object
                     for job in batch:
-                        if isinstance(job, _Allocate):
-                            pending.append((job, await self._decide(conn, engine, job, write)))
-                        elif isinstance(job, _Release):
-                            result = await self._release(
-                                conn,
-                                engine,
-                                job.allocation_id,
-                                ctx=job.ctx,
-                                pool=pool,
-                                generation=generation,
-                            )
-                            results.append((job, result))
-                            changed = changed or isinstance(result, Allocation)
-                        elif isinstance(job, _CreateChild):
-                            result = await self._create_child(conn, engine, job, pool, generation)
-                            results.append((job, result))
-                            changed = changed or isinstance(result, int)
+                        pool = locked.get(job.pool_id)
+                        if pool is None:
+                            results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
+                        elif isinstance(job, _Allocate):
+                            pending.append((job, await self._decide(conn, pool, job, write)))
                         else:
-                            result = await self._delete_child(conn, engine, job, pool, generation)
-                            results.append((job, result))
-                            changed = changed or result is None
-                    inserted: dict[str, Allocation] = {}
+                            results.append((job, await self._other(conn, pool, job)))
+                    inserted: dict[tuple[int, Prefix], Allocation] = {}
                     if write.prefixes:
-                        inserted = await self._insert(conn, pool, generation, write, batch[0].ctx)
-                        changed = True
+                        inserted = await self._insert(conn, write)
                     for job, decided in pending:
-                        results.append((job, _answer(decided, inserted)))
+                        results.append((job, _answer(decided, inserted, job.pool_id)))
+                    changed = [p.id for p in locked.values() if p.changed]
                     if changed:
                         await conn.execute(
-                            "UPDATE pools SET generation = $2 WHERE id = $1",
-                            self.pool_id,
-                            generation,
+                            "UPDATE pools SET generation = generation + 1"
+                            " WHERE id = ANY($1::bigint[])",
+                            changed,
                         )
             except asyncpg.exceptions.ExclusionViolationError as exc:
-                self.engine = None
+                for pool_id in pool_ids:  # their decisions were rolled back
+                    kipam.engines.discard(pool_id)
                 raise _CacheWrongError from exc
             except BaseException:
-                self.engine = None  # its decisions were rolled back with the transaction
+                for pool_id in pool_ids:
+                    kipam.engines.discard(pool_id)
                 raise
-            if changed:
-                engine.generation = generation
+            for pool in locked.values():
+                if pool.changed:
+                    pool.engine.generation = pool.next_generation
         for job, result in results:
             if job.future.done():
                 continue
@@ -389,9 +454,41 @@ class _PoolWorker:
             else:
                 job.future.set_result(result)  # type: ignore[arg-type]
 
-    async def _sweep(
-        self, conn: asyncpg.Connection, engine: PoolAllocator, pool_name: str, generation: int
-    ) -> bool:
+    async def _lock_pools(
+        self, conn: asyncpg.Connection, pool_ids: list[int], locked: dict[int, _Locked]
+    ) -> None:
+        """Lock the pool rows (fencing: their generations), refresh engines, end quarantines."""
+        rows = await conn.fetch(
+            "SELECT p.id, p.name, p.cidr, p.generation, p.policy, EXISTS ("
+            "  SELECT 1 FROM allocations WHERE pool_id = p.id AND state = 'quarantined'"
+            "  AND reusable_at <= now()) AS due"
+            " FROM pools p WHERE p.id = ANY($1::bigint[]) AND p.deleted_at IS NULL"
+            " ORDER BY p.id FOR UPDATE",
+            pool_ids,
+        )
+        for row in rows:
+            pool = _Locked(
+                id=row["id"],
+                name=row["name"],
+                cidr=row["cidr"],
+                generation=row["generation"],
+                policy=PoolPolicy.from_json(row["policy"]),
+                engine=await self.kipam.engines.fresh(conn, row["id"], row["generation"]),
+            )
+            locked[pool.id] = pool
+            if row["due"]:
+                await self._sweep(conn, pool)
+
+    async def _other(self, conn: asyncpg.Connection, pool: _Locked, job: _Job) -> object:
+        if isinstance(job, _Release):
+            return await self._release(conn, pool, job.allocation_id, job.ctx)
+        if isinstance(job, _CreateChild):
+            return await self._create_child(conn, pool, job)
+        if isinstance(job, _DeleteChild):
+            return await self._delete_child(conn, pool, job)
+        raise TypeError(job)  # pragma: no cover
+
+    async def _sweep(self, conn: asyncpg.Connection, pool: _Locked) -> None:
         """Quarantines that ended: released for good, and free again in the engine."""
         rows = await conn.fetch(
             """
@@ -408,20 +505,16 @@ class _PoolWorker:
             )
             SELECT prefix FROM due
             """,
-            self.pool_id,
-            pool_name,
-            generation,
+            pool.id,
+            pool.name,
+            pool.next_generation,
         )
         for row in rows:
-            engine.release(prefix_from_db(row["prefix"]))
-        return bool(rows)
+            pool.engine.release(prefix_from_db(row["prefix"]))
+        pool.changed = pool.changed or bool(rows)
 
     async def _decide(
-        self,
-        conn: asyncpg.Connection,
-        engine: PoolAllocator,
-        job: _Allocate,
-        write: _Write,
+        self, conn: asyncpg.Connection, pool: _Locked, job: _Allocate, write: _Write
     ) -> list[object]:
         """Per request: an existing allocation (idempotent replay), a new prefix, or an error."""
         keys = [r.idempotency_key for r in job.requests if r.idempotency_key is not None]
@@ -430,19 +523,25 @@ class _PoolWorker:
             rows = await conn.fetch(
                 f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
                 " WHERE a.pool_id = $1 AND a.idempotency_key = ANY($2::text[])",
-                self.pool_id,
+                pool.id,
                 keys,
             )
             existing = {r["idempotency_key"]: allocation_from_row(r) for r in rows}
+        engine = pool.engine
         decided: list[object] = []
         fresh: list[Prefix] = []
+        taken_keys = (
+            {k for pid, k in zip(write.pool_ids, write.keys, strict=True) if pid == pool.id and k}
+            if keys
+            else set()
+        )
         try:
             for request in job.requests:
                 key = request.idempotency_key
                 if key is not None and key in existing:
                     decided.append(_replay(existing[key], request))
                     continue
-                if key is not None and key in write.keys:
+                if key is not None and key in taken_keys:
                     decided.append(("same-key", key))
                     continue
                 prefix = (
@@ -460,43 +559,17 @@ class _PoolWorker:
             return decided
         for request, item in zip(job.requests, decided, strict=True):
             if isinstance(item, Prefix):
-                write.add(item, request)
+                write.add(pool, item, request, job.ctx)
         return decided
 
     async def _insert(
-        self,
-        conn: asyncpg.Connection,
-        pool: asyncpg.Record,
-        generation: int,
-        write: _Write,
-        ctx: RequestContext,
-    ) -> dict[str, Allocation]:
-        rows = await conn.fetch(
-            _INSERT_ALLOCATIONS,
-            self.pool_id,
-            pool["cidr"],
-            write.prefixes,
-            write.owners,
-            write.labels,
-            write.keys,
-            list(range(len(write.prefixes))),
-            pool["name"],
-            generation,
-            ctx.actor,
-            ctx.request_id,
-            ctx.trace_id,
-        )
-        return {str(prefix_from_db(r["prefix"])): allocation_from_row(r) for r in rows}
+        self, conn: asyncpg.Connection, write: _Write
+    ) -> dict[tuple[int, Prefix], Allocation]:
+        rows = await conn.fetch(_INSERT_ALLOCATIONS, *write.args())
+        return {(r["pool_id"], prefix_from_db(r["prefix"])): allocation_from_row(r) for r in rows}
 
-    async def _release(  # noqa: PLR0913
-        self,
-        conn: asyncpg.Connection,
-        engine: PoolAllocator,
-        allocation_id: int,
-        *,
-        ctx: RequestContext,
-        pool: asyncpg.Record,
-        generation: int,
+    async def _release(
+        self, conn: asyncpg.Connection, pool: _Locked, allocation_id: int, ctx: RequestContext
     ) -> Allocation | BaseException:
         row = await conn.fetchrow(
             "SELECT a.id, a.prefix, a.state, a.owner,"
@@ -504,7 +577,7 @@ class _PoolWorker:
             "         AND c.deleted_at IS NULL) AS child"
             " FROM allocations a WHERE a.id = $1 AND a.pool_id = $2 FOR UPDATE",
             allocation_id,
-            self.pool_id,
+            pool.id,
         )
         if row is None:
             return AllocationNotFoundError(allocation_id)
@@ -514,7 +587,7 @@ class _PoolWorker:
                     f"Allocation {allocation_id} is the CIDR of a child pool; delete that "
                     "pool to release it."
                 )
-            quarantine = PoolPolicy.from_json(pool["policy"]).quarantine_seconds
+            quarantine = pool.policy.quarantine_seconds
             state = "quarantined" if quarantine > 0 else "released"
             await conn.execute(
                 """
@@ -536,15 +609,16 @@ class _PoolWorker:
                 allocation_id,
                 state,
                 float(quarantine),
-                self.pool_id,
-                pool["name"],
-                generation,
+                pool.id,
+                pool.name,
+                pool.next_generation,
                 ctx.actor,
                 ctx.request_id,
                 ctx.trace_id,
             )
+            pool.changed = True
             if state == "released":
-                engine.release(prefix_from_db(row["prefix"]))
+                pool.engine.release(prefix_from_db(row["prefix"]))
         fetched = await conn.fetchrow(
             f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.id = $1", allocation_id
         )
@@ -553,24 +627,20 @@ class _PoolWorker:
         return allocation_from_row(fetched)
 
     async def _create_child(
-        self,
-        conn: asyncpg.Connection,
-        engine: PoolAllocator,
-        job: _CreateChild,
-        pool: asyncpg.Record,
-        generation: int,
+        self, conn: asyncpg.Connection, pool: _Locked, job: _CreateChild
     ) -> int | BaseException:
+        engine = pool.engine
         try:
             prefix = engine.allocate_prefix(job.cidr) if job.cidr else engine.allocate(job.length)
         except EngineError as exc:
             return exc
         write = _Write()
-        request = AllocationRequest(owner=f"pool/{job.name}", labels={})
-        write.add(prefix, request)
+        changed = pool.changed
+        write.add(pool, prefix, AllocationRequest(owner=f"pool/{job.name}"), job.ctx)
         try:
             async with conn.transaction():  # a savepoint: a taken name undoes only this job
-                inserted = await self._insert(conn, pool, generation, write, job.ctx)
-                allocation = inserted[str(prefix)]
+                inserted = await self._insert(conn, write)
+                allocation = inserted[pool.id, prefix]
                 return await self.kipam._insert_pool(  # noqa: SLF001 - same module
                     conn,
                     name=job.name,
@@ -579,25 +649,21 @@ class _PoolWorker:
                     policy=job.policy,
                     labels=job.labels,
                     ctx=job.ctx,
-                    parent=(self.pool_id, allocation.id),
+                    parent=(pool.id, allocation.id),
                 )
         except asyncpg.exceptions.UniqueViolationError as exc:
             engine.release(prefix)
+            pool.changed = changed
             return translate(exc)
 
     async def _delete_child(
-        self,
-        conn: asyncpg.Connection,
-        engine: PoolAllocator,
-        job: _DeleteChild,
-        pool: asyncpg.Record,
-        generation: int,
+        self, conn: asyncpg.Connection, pool: _Locked, job: _DeleteChild
     ) -> BaseException | None:
         child = await conn.fetchrow(
             "SELECT id, name, parent_allocation_id FROM pools"
             " WHERE id = $1 AND parent_id = $2 AND deleted_at IS NULL FOR UPDATE",
             job.child_id,
-            self.pool_id,
+            pool.id,
         )
         if child is None:
             return PoolNotFoundError(f"#{job.child_id}")
@@ -605,14 +671,7 @@ class _PoolWorker:
         if error is not None:
             return error
         await self.kipam._mark_deleted(conn, child["id"], child["name"], job.ctx)  # noqa: SLF001
-        released = await self._release(
-            conn,
-            engine,
-            child["parent_allocation_id"],
-            ctx=job.ctx,
-            pool=pool,
-            generation=generation,
-        )
+        released = await self._release(conn, pool, child["parent_allocation_id"], job.ctx)
         if isinstance(released, BaseException):  # pragma: no cover - the row was just checked
             raise released
         return None
@@ -639,21 +698,22 @@ def _replay(existing: Allocation, request: AllocationRequest) -> Allocation:
 class Kipam:
     """Every use case, over one database and one lock manager."""
 
-    def __init__(self, db: Database, locks: LockManager, *, batch_max: int = 256) -> None:
+    def __init__(
+        self, db: Database, locks: LockManager, *, batch_max: int = 256, lanes: int = 2
+    ) -> None:
         self.db = db
         self.locks = locks
         self.batch_max = batch_max
-        self._workers: dict[int, _PoolWorker] = {}
+        self.engines = _Engines()
+        self._lanes = [_Lane(self, n) for n in range(max(1, lanes))]
+        self._pools: dict[str, Pool] = {}
 
-    def _worker(self, pool_id: int) -> _PoolWorker:
-        worker = self._workers.get(pool_id)
-        if worker is None:
-            worker = self._workers[pool_id] = _PoolWorker(self, pool_id)
-        return worker
+    def _submit(self, job: _Job) -> None:
+        self._lanes[job.pool_id % len(self._lanes)].submit(job)
 
     async def close(self) -> None:
         """Wait for queued work to finish (bounded by the callers' own deadlines)."""
-        tasks = [w.task for w in self._workers.values() if w.task and not w.task.done()]
+        tasks = [lane.task for lane in self._lanes if lane.task and not lane.task.done()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -736,9 +796,17 @@ class Kipam:
             _check_policy(Prefix(parent_pool.cidr.version, 0, prefix_length), policy)
         loop = asyncio.get_running_loop()
         job = _CreateChild(
-            name, role, prefix_length, prefix, policy, labels, ctx, loop.create_future()
+            parent_pool.id,
+            name,
+            role,
+            prefix_length,
+            prefix,
+            policy,
+            labels,
+            ctx,
+            loop.create_future(),
         )
-        self._worker(parent_pool.id).submit(job)
+        self._submit(job)
         return await self.get_pool_by_id(await job.future)
 
     async def _insert_pool(  # noqa: PLR0913
@@ -771,7 +839,7 @@ class Kipam:
             """,
             space_id,
             name,
-            str(cidr),
+            cidr,
             role,
             parent[0] if parent else None,
             parent[1] if parent else None,
@@ -859,8 +927,8 @@ class Kipam:
         pool = await self.get_pool(name)
         if pool.parent is not None:
             parent = await self.get_pool(pool.parent)
-            job = _DeleteChild(pool.id, ctx, asyncio.get_running_loop().create_future())
-            self._worker(parent.id).submit(job)
+            job = _DeleteChild(parent.id, pool.id, ctx, asyncio.get_running_loop().create_future())
+            self._submit(job)
             await job.future
             return
         async with self.db.connection() as conn, conn.transaction():
@@ -908,7 +976,8 @@ class Kipam:
             ctx.request_id,
             ctx.trace_id,
         )
-        self._workers.pop(pool_id, None)
+        self.engines.discard(pool_id)
+        self._pools.pop(name, None)
         _log.info("pool %s deleted by %s", name, ctx.actor)
 
     # -- allocations -----------------------------------------------------------------------------
@@ -940,7 +1009,9 @@ class Kipam:
             UnavailableError: the database or the lock did not answer in time.
         """
         request = _request(owner, length, prefix, labels, idempotency_key)
-        [answer] = await self.allocate_many(pool, [request], dry_run=dry_run, ctx=ctx)
+        [answer] = await self._allocate(
+            pool, [request], dry_run=dry_run, ctx=ctx or RequestContext()
+        )
         return answer
 
     async def allocate_many(
@@ -963,7 +1034,18 @@ class Kipam:
         requests = [
             _request(r.owner, r.length, r.prefix, r.labels, r.idempotency_key) for r in requests
         ]
-        target = await self.get_pool(pool)
+        return await self._allocate(pool, requests, dry_run=dry_run, ctx=ctx)
+
+    async def _allocate(
+        self,
+        pool: str,
+        requests: list[AllocationRequest],
+        *,
+        dry_run: bool,
+        ctx: RequestContext,
+    ) -> list[tuple[Allocation, bool]]:
+        """allocate_many for validated requests; retried once if the cached pool was deleted."""
+        target = await self._target(pool)
         for request in requests:
             if request.prefix is not None and request.prefix.version != target.cidr.version:
                 raise InvalidRequestError(
@@ -975,13 +1057,28 @@ class Kipam:
             replay = await self._replays(target, requests)
             if replay is not None:
                 return replay
-        job = _Allocate(list(requests), dry_run, ctx, asyncio.get_running_loop().create_future())
-        self._worker(target.id).submit(job)
-        answers = await job.future
+        job = _Allocate(
+            target.id, requests, dry_run, ctx, asyncio.get_running_loop().create_future()
+        )
+        self._submit(job)
+        try:
+            answers = await job.future
+        except PoolNotFoundError:
+            # Deleted (maybe re-created under the same name) since it was cached.
+            if self._pools.pop(pool, None) is None:
+                raise
+            return await self._allocate(pool, requests, dry_run=dry_run, ctx=ctx)
         return [
             (_preview(target, request, item), created)
             for request, (item, created) in zip(requests, answers, strict=True)
         ]
+
+    async def _target(self, name: str) -> Pool:
+        """The pool to write to, cached by name: its id, CIDR and policy never change."""
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = await self.get_pool(name)
+        return pool
 
     async def _replays(
         self, pool: Pool, requests: Sequence[AllocationRequest]
@@ -1011,8 +1108,10 @@ class Kipam:
         row = await self.db.fetchrow("SELECT pool_id FROM allocations WHERE id = $1", allocation_id)
         if row is None:
             raise AllocationNotFoundError(allocation_id)
-        job = _Release(allocation_id, ctx, asyncio.get_running_loop().create_future())
-        self._worker(row["pool_id"]).submit(job)
+        job = _Release(
+            row["pool_id"], allocation_id, ctx, asyncio.get_running_loop().create_future()
+        )
+        self._submit(job)
         return await job.future
 
     async def get_allocation(self, allocation_id: int) -> Allocation:
@@ -1103,12 +1202,11 @@ class Kipam:
     async def usage(self, pool: str, *, length: int | None = None) -> PoolUsage:
         """How full a pool is, from its engine (no table scan)."""
         target = await self.get_pool(pool)
-        worker = self._worker(target.id)
-        async with worker.mutex, self.db.connection() as conn:
+        async with self.engines.mutex(target.id), self.db.connection() as conn:
             generation = await conn.fetchval(
                 "SELECT generation FROM pools WHERE id = $1", target.id
             )
-            engine = await worker.fresh_engine(conn, generation)
+            engine = await self.engines.fresh(conn, target.id, generation)
             quarantined = await conn.fetchval(
                 "SELECT count(*) FROM allocations WHERE pool_id = $1 AND state = 'quarantined'",
                 target.id,
@@ -1139,12 +1237,11 @@ class Kipam:
         """The first free prefixes of ``length`` in address order (what could be taken now)."""
         limit = _check_limit(limit)
         target = await self.get_pool(pool)
-        worker = self._worker(target.id)
-        async with worker.mutex, self.db.connection() as conn:
+        async with self.engines.mutex(target.id), self.db.connection() as conn:
             generation = await conn.fetchval(
                 "SELECT generation FROM pools WHERE id = $1", target.id
             )
-            engine = await worker.fresh_engine(conn, generation)
+            engine = await self.engines.fresh(conn, target.id, generation)
             return engine.available(length, limit)
 
 
@@ -1210,7 +1307,7 @@ def _request(
 
 
 def _answer(
-    decided: list[object], inserted: dict[str, Allocation]
+    decided: list[object], inserted: dict[tuple[int, Prefix], Allocation], pool_id: int
 ) -> list[tuple[Allocation | Prefix, bool]] | BaseException:
     """One allocate job's answer once its rows are written (prefixes stay prefixes in a dry run)."""
     if len(decided) == 1 and isinstance(decided[0], BaseException):
@@ -1220,10 +1317,13 @@ def _answer(
         if isinstance(item, Allocation):
             out.append((item, False))
         elif isinstance(item, Prefix):
-            out.append((inserted.get(str(item), item), True))
+            out.append((inserted.get((pool_id, item), item), True))
         elif isinstance(item, tuple):  # a key used twice in one batch: the first one's row
             key = item[1]
-            out.append((next(a for a in inserted.values() if a.idempotency_key == key), False))
+            first = next(
+                a for (pid, _), a in inserted.items() if pid == pool_id and a.idempotency_key == key
+            )
+            out.append((first, False))
         else:  # pragma: no cover
             raise TypeError(item)
     return out
