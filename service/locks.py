@@ -65,7 +65,7 @@ __all__ = [
     "LockManager",
     "RedisState",
     "advisory_key",
-    "enter_transaction_all",
+    "begin_with_locks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,30 +205,34 @@ class LockHold:
         self._entered = True
 
 
-async def enter_transaction_all(conn: Connection, holds: Sequence[LockHold]) -> None:
-    """:meth:`LockHold.enter_transaction` for several pools' holds in one round trip.
+async def begin_with_locks(conn: Connection, holds: Sequence[LockHold]) -> None:
+    """``BEGIN`` and every advisory lock of ``holds``, in one round trip.
 
     Advisory locks are taken in key order (as every replica does), so two transactions that
-    lock overlapping sets of pools never deadlock. Redis holds need nothing here.
+    lock overlapping sets of pools never deadlock. Redis holds need nothing here. The caller
+    ends the transaction (COMMIT or ROLLBACK), which releases the advisory locks.
 
     Raises:
-        RuntimeError: ``conn`` is not in a transaction.
-        LockTimeoutError: one of the locks was not granted within the smallest wait budget.
+        RuntimeError: ``conn`` is already in a transaction.
+        LockTimeoutError: a lock was not granted within the smallest wait budget; the
+            transaction is open and aborted: the caller rolls it back.
         DatabaseUnavailableError: the connection broke or the database refused the query.
     """
-    if not conn.is_in_transaction():
-        raise RuntimeError("enter_transaction_all() needs a connection inside a transaction")
+    if conn.is_in_transaction():
+        raise RuntimeError("begin_with_locks() starts the transaction itself")
     pending = [h for h in holds if h.backend == "advisory" and not h._entered]  # noqa: SLF001
-    if len(pending) <= 1:
-        for hold in pending:
-            await hold.enter_transaction(conn)
+    if not pending:
+        try:
+            await conn.execute("BEGIN")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise DatabaseUnavailableError(f"PostgreSQL failed at BEGIN: {exc}") from exc
         return
     keys = sorted({advisory_key(h.pool_id) for h in pending})
     budget = min(h._advisory_wait_s for h in pending)  # noqa: SLF001
     timeout_ms = max(1, math.ceil(budget * 1000))
     # Integers formatted by us, never input: one simple-protocol round trip.
     sql = (
-        f"SET LOCAL lock_timeout = '{timeout_ms}ms'; "
+        f"BEGIN; SET LOCAL lock_timeout = '{timeout_ms}ms'; "
         + "".join(f"SELECT pg_advisory_xact_lock({ns}, {key}); " for ns, key in keys)
         + "SET LOCAL lock_timeout TO DEFAULT"
     )

@@ -48,7 +48,7 @@ from service.errors import (
     PreconditionFailedError,
     ServiceError,
 )
-from service.locks import enter_transaction_all
+from service.locks import begin_with_locks
 from service.models import (
     ROLES,
     STATES,
@@ -107,6 +107,8 @@ WITH new AS (
            ins.id, ins.prefix, ins.owner, new.actor, new.request_id, new.trace_id,
            jsonb_build_object('labels', ins.labels)
       FROM ins JOIN new ON new.pool_id = ins.pool_id AND new.prefix = ins.prefix
+), generation AS (
+    UPDATE pools SET generation = generation + 1 WHERE id = ANY($13::bigint[])
 )
 SELECT ins.id, ins.pool_id, new.pool_name AS pool, ins.prefix, ins.owner, ins.labels, ins.state,
        ins.created_at, ins.released_at, ins.reusable_at, ins.revision, ins.idempotency_key
@@ -365,6 +367,9 @@ class _Lane:
 
     async def _drain(self) -> None:
         while self.queue:
+            # Let callers answered by the last transaction queue their next request first, so
+            # that it joins this batch instead of waiting a whole transaction for the next.
+            await asyncio.sleep(0)
             batch: list[_Job] = []
             while self.queue and len(batch) < self.kipam.batch_max:
                 job = self.queue.popleft()
@@ -410,38 +415,38 @@ class _Lane:
             ]
             conn = await stack.enter_async_context(kipam.db.connection())
             try:
-                async with conn.transaction():
-                    await enter_transaction_all(conn, holds)
-                    await self._lock_pools(conn, pool_ids, locked)
-                    write = _Write()
-                    pending: list[tuple[_Allocate, list[object]]] = []
-                    for job in batch:
-                        pool = locked.get(job.pool_id)
-                        if pool is None:
-                            results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
-                        elif isinstance(job, _Allocate):
-                            pending.append((job, await self._decide(conn, pool, job, write)))
-                        else:
-                            results.append((job, await self._other(conn, pool, job)))
-                    inserted: dict[tuple[int, Prefix], Allocation] = {}
-                    if write.prefixes:
-                        inserted = await self._insert(conn, write)
-                    for job, decided in pending:
-                        results.append((job, _answer(decided, inserted, job.pool_id)))
-                    changed = [p.id for p in locked.values() if p.changed]
-                    if changed:
-                        await conn.execute(
-                            "UPDATE pools SET generation = generation + 1"
-                            " WHERE id = ANY($1::bigint[])",
-                            changed,
-                        )
-            except asyncpg.exceptions.ExclusionViolationError as exc:
+                # BEGIN and the advisory locks in one round trip; COMMIT below. Managed by
+                # hand (not conn.transaction()) to save those round trips on every batch.
+                await begin_with_locks(conn, holds)
+                await self._lock_pools(conn, pool_ids, locked)
+                write = _Write()
+                pending: list[tuple[_Allocate, list[object]]] = []
+                for job in batch:
+                    pool = locked.get(job.pool_id)
+                    if pool is None:
+                        results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
+                    elif isinstance(job, _Allocate):
+                        pending.append((job, await self._decide(conn, pool, job, write)))
+                    else:
+                        results.append((job, await self._other(conn, pool, job)))
+                changed = [p.id for p in locked.values() if p.changed]
+                inserted: dict[tuple[int, Prefix], Allocation] = {}
+                if write.prefixes:  # the generations are bumped by the same statement
+                    inserted = await self._insert(conn, write, changed)
+                elif changed:
+                    await conn.execute(
+                        "UPDATE pools SET generation = generation + 1 WHERE id = ANY($1::bigint[])",
+                        changed,
+                    )
+                for job, decided in pending:
+                    results.append((job, _answer(decided, inserted, job.pool_id)))
+                await conn.execute("COMMIT")
+            except BaseException as exc:
                 for pool_id in pool_ids:  # their decisions were rolled back
                     kipam.engines.discard(pool_id)
-                raise _CacheWrongError from exc
-            except BaseException:
-                for pool_id in pool_ids:
-                    kipam.engines.discard(pool_id)
+                await _rollback(conn)
+                if isinstance(exc, asyncpg.exceptions.ExclusionViolationError):
+                    raise _CacheWrongError from exc
                 raise
             for pool in locked.values():
                 if pool.changed:
@@ -563,9 +568,9 @@ class _Lane:
         return decided
 
     async def _insert(
-        self, conn: asyncpg.Connection, write: _Write
+        self, conn: asyncpg.Connection, write: _Write, changed: list[int]
     ) -> dict[tuple[int, Prefix], Allocation]:
-        rows = await conn.fetch(_INSERT_ALLOCATIONS, *write.args())
+        rows = await conn.fetch(_INSERT_ALLOCATIONS, *write.args(), changed)
         return {(r["pool_id"], prefix_from_db(r["prefix"])): allocation_from_row(r) for r in rows}
 
     async def _release(
@@ -637,24 +642,28 @@ class _Lane:
         write = _Write()
         changed = pool.changed
         write.add(pool, prefix, AllocationRequest(owner=f"pool/{job.name}"), job.ctx)
+        # A savepoint: a name already taken undoes only this job.
+        await conn.execute("SAVEPOINT child_pool")
         try:
-            async with conn.transaction():  # a savepoint: a taken name undoes only this job
-                inserted = await self._insert(conn, write)
-                allocation = inserted[pool.id, prefix]
-                return await self.kipam._insert_pool(  # noqa: SLF001 - same module
-                    conn,
-                    name=job.name,
-                    cidr=prefix,
-                    role=job.role,
-                    policy=job.policy,
-                    labels=job.labels,
-                    ctx=job.ctx,
-                    parent=(pool.id, allocation.id),
-                )
+            inserted = await self._insert(conn, write, [])
+            allocation = inserted[pool.id, prefix]
+            child = await self.kipam._insert_pool(  # noqa: SLF001 - same module
+                conn,
+                name=job.name,
+                cidr=prefix,
+                role=job.role,
+                policy=job.policy,
+                labels=job.labels,
+                ctx=job.ctx,
+                parent=(pool.id, allocation.id),
+            )
         except asyncpg.exceptions.UniqueViolationError as exc:
+            await conn.execute("ROLLBACK TO SAVEPOINT child_pool")
             engine.release(prefix)
             pool.changed = changed
             return translate(exc)
+        await conn.execute("RELEASE SAVEPOINT child_pool")
+        return child
 
     async def _delete_child(
         self, conn: asyncpg.Connection, pool: _Locked, job: _DeleteChild
@@ -675,6 +684,14 @@ class _Lane:
         if isinstance(released, BaseException):  # pragma: no cover - the row was just checked
             raise released
         return None
+
+
+async def _rollback(conn: asyncpg.Connection) -> None:
+    """Roll back if the connection still can; a broken one is discarded by the pool."""
+    if conn.is_closed() or not conn.is_in_transaction():
+        return
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        await conn.execute("ROLLBACK")
 
 
 def _replay(existing: Allocation, request: AllocationRequest) -> Allocation:
