@@ -88,6 +88,19 @@ _POOL_FROM: Final = """
     FROM pools p JOIN spaces s ON s.id = p.space_id LEFT JOIN pools pp ON pp.id = p.parent_id
 """
 _ALLOCATION_FROM: Final = "FROM allocations a JOIN pools p ON p.id = a.pool_id"
+# Allocations are partitioned by pool. Questions that do not name the pool go through the
+# change log, which is one table with its own prefix index, and then into one partition each:
+# by allocation id (the pool of an allocation never changes) ...
+_POOL_OF_ALLOCATION: Final = (
+    "SELECT pool_id FROM changes WHERE allocation_id = $1 AND kind = 'allocation.created'"
+)
+# ... and by address: the creations whose prefix contains it, joined to their partitions.
+_HELD_FROM: Final = """
+    FROM changes c
+    JOIN allocations a ON a.pool_id = c.pool_id AND a.id = c.allocation_id
+    JOIN pools p ON p.id = a.pool_id
+"""
+_HELD_WHERE: Final = "c.kind = 'allocation.created'"
 _INSERT_ALLOCATIONS: Final = """
 WITH new AS (
     SELECT * FROM unnest($1::bigint[], $2::cidr[], $3::text[], $4::bigint[], $5::cidr[],
@@ -625,7 +638,9 @@ class _Lane:
             if state == "released":
                 pool.engine.release(prefix_from_db(row["prefix"]))
         fetched = await conn.fetchrow(
-            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.id = $1", allocation_id
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.pool_id = $1 AND a.id = $2",
+            pool.id,
+            allocation_id,
         )
         if fetched is None:  # pragma: no cover - locked above
             raise AssertionError(allocation_id)
@@ -1122,7 +1137,7 @@ class Kipam:
             PreconditionFailedError: it is a live child pool's CIDR.
         """
         ctx = ctx or RequestContext()
-        row = await self.db.fetchrow("SELECT pool_id FROM allocations WHERE id = $1", allocation_id)
+        row = await self.db.fetchrow(_POOL_OF_ALLOCATION, allocation_id)
         if row is None:
             raise AllocationNotFoundError(allocation_id)
         job = _Release(
@@ -1134,7 +1149,9 @@ class Kipam:
     async def get_allocation(self, allocation_id: int) -> Allocation:
         """One allocation, in any state."""
         row = await self.db.fetchrow(
-            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM} WHERE a.id = $1", allocation_id
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
+            f" WHERE a.pool_id = ({_POOL_OF_ALLOCATION}) AND a.id = $1",
+            allocation_id,
         )
         if row is None:
             raise AllocationNotFoundError(allocation_id)
@@ -1198,8 +1215,8 @@ class Kipam:
         ip = _to_address(address)
         if at is None:
             rows = await self.db.fetch(
-                f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
-                " WHERE a.prefix >>= $1::inet AND a.state = 'active'"
+                f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
+                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::inet AND a.state = 'active'"
                 " ORDER BY masklen(a.prefix) DESC, a.id",
                 str(ip.to_network().network_address),
             )
@@ -1207,8 +1224,8 @@ class Kipam:
             if at.tzinfo is None:
                 raise InvalidRequestError("at needs a time zone (e.g. ...Z).", field="at")
             rows = await self.db.fetch(
-                f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
-                " WHERE a.prefix >>= $1::inet AND a.created_at <= $2"
+                f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
+                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::inet AND a.created_at <= $2"
                 " AND (a.released_at IS NULL OR a.released_at > $2)"
                 " ORDER BY masklen(a.prefix) DESC, a.id",
                 str(ip.to_network().network_address),

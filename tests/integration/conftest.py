@@ -57,8 +57,19 @@ async def _clean(db: Database) -> None:
     """Empty tables, with the default space back."""
     async with db.connection() as conn:
         await conn.execute(
-            "TRUNCATE changes, allocations, pools, spaces RESTART IDENTITY CASCADE;"
-            "INSERT INTO spaces (name) VALUES ('default')"
+            """
+            TRUNCATE changes, allocations, pools, spaces RESTART IDENTITY CASCADE;
+            DO $$
+            DECLARE part regclass;
+            BEGIN  -- each pool's partition goes with it (pool ids start again from 1)
+                FOR part IN SELECT inhrelid::regclass FROM pg_inherits
+                             WHERE inhparent = 'allocations'::regclass LOOP
+                    EXECUTE format('ALTER TABLE allocations DETACH PARTITION %s', part);
+                    EXECUTE format('DROP TABLE %s', part);
+                END LOOP;
+            END $$;
+            INSERT INTO spaces (name) VALUES ('default');
+            """
         )
 
 
