@@ -33,6 +33,7 @@ Usage, by the allocation path::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -99,6 +100,27 @@ _INT8_MAX: Final = 2**63 - 1
 # Errors that mean "Redis did not answer usefully": refused, reset, timed out, protocol garbage,
 # or a server refusing writes. All of them send the acquisition to the advisory backend.
 _REDIS_DOWN: Final = (RedisError, OSError)
+# Several pools' locks in one round trip, all or none (a Lua script runs atomically). The keys
+# and tokens are those redis-py's Lock uses, so single and batched holders exclude each other.
+_ACQUIRE_MANY: Final = """
+for _, key in ipairs(KEYS) do
+    if redis.call('exists', key) == 1 then return 0 end
+end
+for _, key in ipairs(KEYS) do
+    redis.call('set', key, ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+_RELEASE_MANY: Final = """
+local released = 0
+for _, key in ipairs(KEYS) do
+    if redis.call('get', key) == ARGV[1] then
+        redis.call('del', key)
+        released = released + 1
+    end
+end
+return released
+"""
 
 # SQLSTATEs that mean the advisory lock was not granted: lock_timeout (55P03), a statement
 # timeout or cancel (57014), and a deadlock between pools locked in different orders (40P01).
@@ -380,6 +402,100 @@ class LockManager:
             yield LockHold(pool_id, "redis", waited_s=waited_s, advisory_wait_s=0.0)
         finally:
             await self._release_redis(lock, pool_id)
+
+    @contextlib.asynccontextmanager
+    async def hold_many(self, pool_ids: Sequence[int]) -> AsyncIterator[list[LockHold]]:
+        """:meth:`hold` for several pools at once, as one batch transaction needs them.
+
+        With Redis, all the pools' locks are taken together in one atomic script (all or none,
+        retried every few milliseconds within ``wait_s``) and released together: one round
+        trip per try instead of one per pool, and no partial holds to deadlock on. With the
+        advisory backend the locks are taken by :func:`begin_with_locks`.
+
+        Yields:
+            One hold per pool, in the order given.
+
+        Raises:
+            LockTimeoutError: Redis answered but the locks were not all free within ``wait_s``.
+            RuntimeError: Redis is configured but :meth:`start` has not run.
+            ValueError: a pool id is outside the bigint range.
+        """
+        for pool_id in pool_ids:
+            advisory_key(pool_id)
+        if self._redis_url is not None and self._redis is None:
+            raise RuntimeError("LockManager.start() must run before hold_many()")
+        started = time.monotonic()
+        token = await self._acquire_many(pool_ids) if self._should_try_redis() else None
+        waited_s = time.monotonic() - started
+        if token is None:
+            left = max(self._wait_s - waited_s, 0.0)
+            yield [
+                LockHold(p, "advisory", waited_s=waited_s, advisory_wait_s=left) for p in pool_ids
+            ]
+            return
+        try:
+            yield [LockHold(p, "redis", waited_s=waited_s, advisory_wait_s=0.0) for p in pool_ids]
+        finally:
+            await self._release_many(pool_ids, token)
+
+    async def _acquire_many(self, pool_ids: Sequence[int]) -> str | None:
+        """Take every pool's Redis lock at once; the token, or None when Redis did not answer.
+
+        Raises:
+            LockTimeoutError: Redis answered but some lock stayed taken for ``wait_s``.
+        """
+        redis = self._redis
+        if redis is None:  # closed while this acquisition was being scheduled
+            return None
+        probing = self._state != "up"
+        keys = [f"{self._key_prefix}{p}" for p in pool_ids]
+        token = secrets.token_hex(16)
+        ttl_ms = max(1, round(self._ttl_s * 1000))
+        deadline = time.monotonic() + self._wait_s
+        try:
+            while not await redis.eval(_ACQUIRE_MANY, len(keys), *keys, token, ttl_ms):
+                if probing:
+                    self._redis_answered()
+                    probing = False
+                if time.monotonic() >= deadline:
+                    pools = ", ".join(str(p) for p in pool_ids)
+                    raise LockTimeoutError(
+                        f"The locks of pools {pools} were not all granted within "
+                        f"{self._wait_s:g} s (Redis locks); try again."
+                    )
+                await asyncio.sleep(_SLEEP_S)
+        except _REDIS_DOWN as exc:
+            self._redis_failed(exc)
+            return None
+        if probing:
+            self._redis_answered()
+        return token
+
+    async def _release_many(self, pool_ids: Sequence[int], token: str) -> None:
+        """Release what is still ours; never raise to the body's caller."""
+        redis = self._redis
+        if redis is None:
+            return
+        keys = [f"{self._key_prefix}{p}" for p in pool_ids]
+        try:
+            released = await redis.eval(_RELEASE_MANY, len(keys), *keys, token)
+        except _REDIS_DOWN as exc:
+            logger.warning(
+                "could not release the redis locks of pools %s (%s); they expire after %g s",
+                pool_ids,
+                exc,
+                self._ttl_s,
+            )
+            self._redis_failed(exc)
+            return
+        if int(released) < len(keys):
+            logger.warning(
+                "%d of the redis locks of pools %s expired before their release (held longer "
+                "than the %g s TTL); another replica may have held them meanwhile",
+                len(keys) - int(released),
+                pool_ids,
+                self._ttl_s,
+            )
 
     def _should_try_redis(self) -> bool:
         """Whether this acquisition uses Redis; claims the probe slot when one is due."""

@@ -423,9 +423,7 @@ class _Lane:
             for pool_id in pool_ids:
                 await stack.enter_async_context(kipam.engines.mutex(pool_id))
             # The Redis locks are waited for before a connection is taken: waiting holds none.
-            holds = [
-                await stack.enter_async_context(kipam.locks.hold(pool_id)) for pool_id in pool_ids
-            ]
+            holds = await stack.enter_async_context(kipam.locks.hold_many(pool_ids))
             conn = await stack.enter_async_context(kipam.db.connection())
             try:
                 # BEGIN and the advisory locks in one round trip; COMMIT below. Managed by

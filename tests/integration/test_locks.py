@@ -23,7 +23,13 @@ import pytest
 from redis.asyncio import Redis
 
 from service.errors import LockTimeoutError
-from service.locks import ADVISORY_NAMESPACE, LockHold, LockManager, advisory_key
+from service.locks import (
+    ADVISORY_NAMESPACE,
+    LockHold,
+    LockManager,
+    advisory_key,
+    begin_with_locks,
+)
 
 if TYPE_CHECKING:
     import subprocess
@@ -573,3 +579,64 @@ async def test_goes_back_to_redis_and_falls_back_again(
     assert held.backend == "advisory"
     assert manager.status()["redis"] == "down"
     assert _messages(caplog, logging.WARNING, FALLBACK) == 2
+
+
+# -- several pools at once (one batch transaction) ------------------------------------------
+
+
+async def _take_many(
+    manager: LockManager, pool_ids: list[int], conn: asyncpg.Connection, hold_s: float = 0.0
+) -> list[LockHold]:
+    """Hold several pools' locks the way a lane's transaction does, for ``hold_s``."""
+    async with manager.hold_many(pool_ids) as holds:
+        await begin_with_locks(conn, holds)
+        try:
+            await asyncio.sleep(hold_s)
+        finally:
+            await conn.execute("COMMIT")
+    return holds
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_batched_locks_exclude_single_and_overlapping_batches(
+    backend: str, start: Start, connect: Connect
+) -> None:
+    """A batch holding pools a and b excludes a single hold of b and a batch of b and c."""
+    a, b, c = sorted(_pool_id() for _ in range(3))
+    holder = await start(_url(backend))
+    waiter = await start(_url(backend), wait_s=0.1)
+    conn_1, conn_2 = await connect(), await connect()
+    task = asyncio.create_task(_take_many(holder, [a, b], conn_1, hold_s=1.0))
+    await asyncio.sleep(0.2)  # let the batch take its locks
+    with pytest.raises(LockTimeoutError):
+        await _take(waiter, b, conn_2)
+    if conn_2.is_in_transaction():
+        await conn_2.execute("ROLLBACK")
+    with pytest.raises(LockTimeoutError):
+        await _take_many(waiter, [b, c], conn_2)
+    if conn_2.is_in_transaction():
+        await conn_2.execute("ROLLBACK")
+    holds = await task
+    assert [h.backend for h in holds] == [backend, backend]
+    assert [h.pool_id for h in holds] == [a, b]
+    assert (await _take_many(waiter, [b, c], conn_2))[0].pool_id == b
+
+
+async def test_batched_redis_locks_are_released_together(
+    start: Start, connect: Connect, redis: Redis
+) -> None:
+    """After a batch, none of its Redis keys is left behind."""
+    manager = await start(REDIS_URL)
+    pools = [_pool_id() for _ in range(5)]
+    holds = await _take_many(manager, pools, await connect())
+    assert {h.backend for h in holds} == {"redis"}
+    assert await redis.exists(*(f"kipam:pool:{p}" for p in pools)) == 0
+
+
+async def test_batched_locks_fall_back_when_redis_is_unreachable(
+    start: Start, connect: Connect
+) -> None:
+    """With Redis down, a batch is served with advisory locks."""
+    manager = await start(f"redis://127.0.0.1:{_closed_port()}/0")
+    holds = await _take_many(manager, [_pool_id(), _pool_id()], await connect())
+    assert {h.backend for h in holds} == {"advisory"}
