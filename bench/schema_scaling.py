@@ -64,7 +64,7 @@ async def time_inserts(conn: asyncpg.Connection, pools: int, base: int, count: i
     # from the held set the next size measures.
     await conn.execute(
         "UPDATE allocations SET state = 'released', released_at = now(), reusable_at = now()"
-        " WHERE owner = 'bench/insert'"
+        " WHERE owner = 'bench/insert' AND state = 'active'"
     )
     return statistics.median(samples) * 1e6
 

@@ -462,13 +462,15 @@ class _Lane:
             for pool in locked.values():
                 if pool.changed:
                     pool.engine.generation = pool.next_generation
-        for job, result in results:
-            if job.future.done():
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)  # type: ignore[arg-type]
+            # Answer before the locks are released: while the release goes to Redis, the
+            # callers queue their next requests, which then share the next transaction.
+            for job, result in results:
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)  # type: ignore[arg-type]
 
     async def _lock_pools(
         self, conn: asyncpg.Connection, pool_ids: list[int], locked: dict[int, _Locked]
