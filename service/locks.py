@@ -22,13 +22,15 @@ Theory of operation (DESIGN.md, "One allocation, end to end", step 2):
   once at info and goes back to Redis. While replicas disagree about the backend they do not
   exclude each other; the row lock still serializes them.
 
-Usage, by the allocation path::
+Usage, by the allocation path (one transaction for the requests of several pools)::
 
-    async with locks.hold(pool.id) as held:          # Redis wait: no connection held yet
-        async with db.acquire() as conn, conn.transaction():
-            await held.enter_transaction(conn)      # advisory lock (no-op for Redis)
-            ...                                     # SELECT pool FOR UPDATE; ...; COMMIT
-                                                    # Redis lock released on exit
+    async with locks.hold_many(pool_ids) as holds:   # Redis wait: no connection held yet
+        async with db.connection() as conn:
+            await begin_with_locks(conn, holds)      # BEGIN + advisory locks (none for Redis)
+            ...                                      # SELECT pools FOR UPDATE; ...; COMMIT
+                                                     # Redis locks released on exit
+
+``hold(pool_id)`` with ``LockHold.enter_transaction`` is the same for one pool.
 """
 
 from __future__ import annotations
@@ -44,10 +46,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import LockNotOwnedError, RedisError
+from redis.exceptions import RedisError
 
 from service.errors import DatabaseUnavailableError, LockTimeoutError
 
@@ -100,8 +101,11 @@ _INT8_MAX: Final = 2**63 - 1
 # Errors that mean "Redis did not answer usefully": refused, reset, timed out, protocol garbage,
 # or a server refusing writes. All of them send the acquisition to the advisory backend.
 _REDIS_DOWN: Final = (RedisError, OSError)
-# Several pools' locks in one round trip, all or none (a Lua script runs atomically). The keys
-# and tokens are those redis-py's Lock uses, so single and batched holders exclude each other.
+# The locks of all the pools a transaction touches, in one round trip, all or none (a Lua
+# script runs atomically): key kipam:pool:<id>, value a random token, expiry ttl_s. Released
+# together by a compare-and-delete on the token, so a lock that expired and was taken by
+# another replica is never deleted by its former holder. A hot pool alone is the same call
+# with one key.
 _ACQUIRE_MANY: Final = """
 for _, key in ipairs(KEYS) do
     if redis.call('exists', key) == 1 then return 0 end
@@ -384,24 +388,8 @@ class LockManager:
             RuntimeError: Redis is configured but :meth:`start` has not run.
             ValueError: ``pool_id`` is outside the bigint range.
         """
-        advisory_key(pool_id)  # validate before waiting on anything
-        if self._redis_url is not None and self._redis is None:
-            raise RuntimeError("LockManager.start() must run before hold()")
-        started = time.monotonic()
-        lock = await self._acquire_redis(pool_id) if self._should_try_redis() else None
-        waited_s = time.monotonic() - started
-        if lock is None:
-            yield LockHold(
-                pool_id,
-                "advisory",
-                waited_s=waited_s,
-                advisory_wait_s=max(self._wait_s - waited_s, 0.0),
-            )
-            return
-        try:
-            yield LockHold(pool_id, "redis", waited_s=waited_s, advisory_wait_s=0.0)
-        finally:
-            await self._release_redis(lock, pool_id)
+        async with self.hold_many([pool_id]) as [held]:
+            yield held
 
     @contextlib.asynccontextmanager
     async def hold_many(self, pool_ids: Sequence[int]) -> AsyncIterator[list[LockHold]]:
@@ -460,8 +448,8 @@ class LockManager:
                 if time.monotonic() >= deadline:
                     pools = ", ".join(str(p) for p in pool_ids)
                     raise LockTimeoutError(
-                        f"The locks of pools {pools} were not all granted within "
-                        f"{self._wait_s:g} s (Redis locks); try again."
+                        f"The lock of pool(s) {pools} was not granted within "
+                        f"{self._wait_s:g} s (Redis lock); try again."
                     )
                 await asyncio.sleep(_SLEEP_S)
         except _REDIS_DOWN as exc:
@@ -490,10 +478,10 @@ class LockManager:
             return
         if int(released) < len(keys):
             logger.warning(
-                "%d of the redis locks of pools %s expired before their release (held longer "
-                "than the %g s TTL); another replica may have held them meanwhile",
+                "%d redis lock(s) of pool(s) %s expired before its release (held longer than "
+                "the %g s TTL); another replica may have held them meanwhile",
                 len(keys) - int(released),
-                pool_ids,
+                ", ".join(str(p) for p in pool_ids),
                 self._ttl_s,
             )
 
@@ -509,62 +497,6 @@ class LockManager:
         # This acquisition is the probe; concurrent ones keep to the advisory backend.
         self._next_probe_at = now + self._retry_s
         return True
-
-    async def _acquire_redis(self, pool_id: int) -> Lock | None:
-        """Take the pool's Redis lock; None when Redis did not answer (fall back).
-
-        Raises:
-            LockTimeoutError: Redis answered but the lock stayed taken for ``wait_s``.
-        """
-        redis = self._redis
-        if redis is None:  # closed while this acquisition was being scheduled
-            return None
-        probing = self._state != "up"
-        # One Lock per acquisition, its token in the object (thread_local=False): redis-py's
-        # thread-local token would be shared by every task on the event loop's thread.
-        lock = Lock(
-            redis,
-            f"{self._key_prefix}{pool_id}",
-            timeout=self._ttl_s,
-            sleep=_SLEEP_S,
-            blocking=True,
-            blocking_timeout=self._wait_s,
-            thread_local=False,
-        )
-        try:
-            acquired = await lock.acquire(token=secrets.token_hex(16))
-        except _REDIS_DOWN as exc:
-            # If SET was applied but its answer lost, the key expires after ttl_s.
-            self._redis_failed(exc)
-            return None
-        if probing:
-            self._redis_answered()
-        if not acquired:
-            raise LockTimeoutError(
-                f"The lock of pool {pool_id} was not granted within {self._wait_s:g} s "
-                "(Redis lock); try again."
-            )
-        return lock
-
-    async def _release_redis(self, lock: Lock, pool_id: int) -> None:
-        """Release with redis-py's Lua compare-and-delete; never raise to the body's caller."""
-        try:
-            await lock.release()
-        except LockNotOwnedError:
-            logger.warning(
-                "the redis lock of pool %d expired before its release (held longer than its "
-                "%g s TTL); another replica may have held it meanwhile",
-                pool_id,
-                self._ttl_s,
-            )
-        except _REDIS_DOWN as exc:
-            logger.warning(
-                "could not release the redis lock of pool %d (%s); it expires after %g s",
-                pool_id,
-                exc,
-                self._ttl_s,
-            )
-            self._redis_failed(exc)
 
     def _redis_failed(self, exc: BaseException) -> None:
         """Record that Redis did not answer; warn on the change to down, once."""
