@@ -203,32 +203,8 @@ class LockHold:
         """
         if not conn.is_in_transaction():
             raise RuntimeError("enter_transaction() needs a connection inside a transaction")
-        if self.backend == "redis" or self._entered:
-            return
-        namespace, key = advisory_key(self.pool_id)
-        # lock_timeout = 0 would mean "wait forever": never go below 1 ms.
-        timeout_ms = max(1, math.ceil(self._advisory_wait_s * 1000))
-        # Integers formatted by us, never input: one simple-protocol round trip, three statements.
-        sql = (
-            f"SET LOCAL lock_timeout = '{timeout_ms}ms'; "
-            f"SELECT pg_advisory_xact_lock({namespace}, {key}); "
-            "SET LOCAL lock_timeout TO DEFAULT"
-        )
-        started = time.monotonic()
-        try:
-            await conn.execute(sql)
-        except _NOT_GRANTED as exc:
-            raise LockTimeoutError(
-                f"The lock of pool {self.pool_id} was not granted within {timeout_ms} ms "
-                "(PostgreSQL advisory lock); try again."
-            ) from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise DatabaseUnavailableError(
-                f"PostgreSQL failed while locking pool {self.pool_id}: {exc}"
-            ) from exc
-        finally:
-            self.waited_s += time.monotonic() - started
-        self._entered = True
+        if self.backend == "advisory" and not self._entered:
+            await _take_advisory(conn, [self], begin=False)
 
 
 async def begin_with_locks(conn: Connection, holds: Sequence[LockHold]) -> None:
@@ -253,31 +229,44 @@ async def begin_with_locks(conn: Connection, holds: Sequence[LockHold]) -> None:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise DatabaseUnavailableError(f"PostgreSQL failed at BEGIN: {exc}") from exc
         return
-    keys = sorted({advisory_key(h.pool_id) for h in pending})
-    budget = min(h._advisory_wait_s for h in pending)  # noqa: SLF001
+    await _take_advisory(conn, pending, begin=True)
+
+
+async def _take_advisory(conn: Connection, holds: Sequence[LockHold], *, begin: bool) -> None:
+    """Take the holds' advisory locks (after ``BEGIN`` if ``begin``) in one round trip.
+
+    Keys in order, as every replica takes them; ``lock_timeout`` is the smallest wait budget
+    left (never 0, which would mean "wait forever") and is restored to the session default
+    after the locks are granted, so it does not leak into the rest of the transaction.
+    """
+    keys = sorted({advisory_key(h.pool_id) for h in holds})
+    budget = min(h._advisory_wait_s for h in holds)  # noqa: SLF001
     timeout_ms = max(1, math.ceil(budget * 1000))
     # Integers formatted by us, never input: one simple-protocol round trip.
     sql = (
-        f"BEGIN; SET LOCAL lock_timeout = '{timeout_ms}ms'; "
+        ("BEGIN; " if begin else "")
+        + f"SET LOCAL lock_timeout = '{timeout_ms}ms'; "
         + "".join(f"SELECT pg_advisory_xact_lock({ns}, {key}); " for ns, key in keys)
         + "SET LOCAL lock_timeout TO DEFAULT"
     )
+    pools = ", ".join(str(h.pool_id) for h in holds)
     started = time.monotonic()
     try:
         await conn.execute(sql)
     except _NOT_GRANTED as exc:
-        pools = ", ".join(str(h.pool_id) for h in pending)
         raise LockTimeoutError(
-            f"The locks of pools {pools} were not granted within {timeout_ms} ms "
-            "(PostgreSQL advisory locks); try again."
+            f"The lock of pool(s) {pools} was not granted within {timeout_ms} ms "
+            "(PostgreSQL advisory lock); try again."
         ) from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise DatabaseUnavailableError(f"PostgreSQL failed while locking pools: {exc}") from exc
+        raise DatabaseUnavailableError(
+            f"PostgreSQL failed while locking pool(s) {pools}: {exc}"
+        ) from exc
     finally:
         waited = time.monotonic() - started
-        for hold in pending:
+        for hold in holds:
             hold.waited_s += waited
-    for hold in pending:
+    for hold in holds:
         hold._entered = True  # noqa: SLF001
 
 

@@ -3,20 +3,21 @@
 One allocation, end to end (DESIGN.md), as this module runs it:
 
 1. an idempotency hit returns the existing allocation without any lock;
-2. the request joins its pool's queue in this process (:class:`_PoolWorker`); one task per
-   pool drains the queue, so requests waiting on the same pool are served **together in one
-   transaction** (group commit), each with its own answer or its own failure;
-3. the batch takes the pool's distributed lock (Redis, or a PostgreSQL advisory lock);
-4. ``BEGIN``; the pool row ``FOR UPDATE`` (its generation is the fencing token); the engine
-   cache is refreshed from the changes since its generation, or rebuilt;
+2. the request joins the queue of its pool's lane in this process (:class:`_Lane`); one task
+   per lane drains the queue, so requests waiting on the lane's pools are served **together
+   in one transaction** (group commit), each with its own answer or its own failure;
+3. the batch takes its pools' distributed locks (Redis, or PostgreSQL advisory locks);
+4. ``BEGIN``; the pool rows ``FOR UPDATE`` in id order (each generation is a fencing token);
+   each engine cache is refreshed from the changes since its generation, or rebuilt;
 5. the engine decides every prefix of the batch (pure, microseconds);
 6. the allocations, their history and the new generation are written in one statement;
    ``COMMIT``. An exclusion violation means the cache was wrong: it is rebuilt and the batch
    retried once. Any other failure discards the cache (rebuilt on next use) and fails the
    batch's requests with the translated error; nothing half-written survives the rollback.
 
-Reads that need the engine (usage, available prefixes) go through the same worker, so they
-see every change committed before them.
+Reads that need the engine (usage, available prefixes) take the pool's in-process mutex and
+refresh the engine to the pool row's generation, so they see every change committed before
+them.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from service.store import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from service.locks import LockManager
     from service.store import Database
@@ -1236,11 +1237,7 @@ class Kipam:
     async def usage(self, pool: str, *, length: int | None = None) -> PoolUsage:
         """How full a pool is, from its engine (no table scan)."""
         target = await self.get_pool(pool)
-        async with self.engines.mutex(target.id), self.db.connection() as conn:
-            generation = await conn.fetchval(
-                "SELECT generation FROM pools WHERE id = $1", target.id
-            )
-            engine = await self.engines.fresh(conn, target.id, generation)
+        async with self._current_engine(target.id) as (conn, engine):
             quarantined = await conn.fetchval(
                 "SELECT count(*) FROM allocations WHERE pool_id = $1 AND state = 'quarantined'",
                 target.id,
@@ -1271,12 +1268,17 @@ class Kipam:
         """The first free prefixes of ``length`` in address order (what could be taken now)."""
         limit = _check_limit(limit)
         target = await self.get_pool(pool)
-        async with self.engines.mutex(target.id), self.db.connection() as conn:
-            generation = await conn.fetchval(
-                "SELECT generation FROM pools WHERE id = $1", target.id
-            )
-            engine = await self.engines.fresh(conn, target.id, generation)
+        async with self._current_engine(target.id) as (_, engine):
             return engine.available(length, limit)
+
+    @contextlib.asynccontextmanager
+    async def _current_engine(
+        self, pool_id: int
+    ) -> AsyncIterator[tuple[asyncpg.Connection, PoolAllocator]]:
+        """The pool's engine at the pool row's generation, guarded by the pool's mutex."""
+        async with self.engines.mutex(pool_id), self.db.connection() as conn:
+            generation = await conn.fetchval("SELECT generation FROM pools WHERE id = $1", pool_id)
+            yield conn, await self.engines.fresh(conn, pool_id, generation)
 
 
 # -- helpers ---------------------------------------------------------------------------------
