@@ -70,6 +70,19 @@ def _redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.shutdown()
 
 
+@pytest.fixture(name="free_port")
+def _free_port() -> Callable[[], int]:
+    """Gives a loopback TCP port nothing listens on right now (connections are refused)."""
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            return port
+
+    return free_port
+
+
 @pytest.fixture(name="start_redis")
 def _start_redis(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
     """Start a throwaway redis-server on a loopback port (tests may kill it); stopped after."""

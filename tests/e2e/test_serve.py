@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,19 +18,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytestmark = [pytest.mark.slow]
 
 KIPAM = [sys.executable, "-m", "service.cli"]
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> tuple[int, dict[str, object]]:
@@ -82,7 +73,9 @@ def _data_dir() -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_on_the_embedded_default(data_dir: Path, sig: signal.Signals) -> None:
+def test_serve_on_the_embedded_default(
+    data_dir: Path, sig: signal.Signals, free_port: Callable[[], int]
+) -> None:
     """With no settings, serve starts an embedded PostgreSQL, is ready, and stops it on a signal."""
     port = free_port()
     env = {
@@ -114,7 +107,9 @@ def test_serve_on_the_embedded_default(data_dir: Path, sig: signal.Signals) -> N
             proc.wait(10)
 
 
-def test_serve_refuses_an_old_schema_and_migrate_fixes_it(empty_database: str) -> None:
+def test_serve_refuses_an_old_schema_and_migrate_fixes_it(
+    empty_database: str, free_port: Callable[[], int]
+) -> None:
     """Against a real database serve refuses an unmigrated schema; migrate brings it current."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},

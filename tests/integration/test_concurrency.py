@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -125,14 +124,6 @@ async def test_processes_never_overlap_and_lose_nothing(
 # -- faults ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def read_lines_until(
     proc: asyncio.subprocess.Process, count: int, within_s: float
 ) -> list[dict[str, object]]:
@@ -193,6 +184,7 @@ async def test_redis_stopped_mid_run(
     db: Database,
     dsn: str,
     start_redis: Callable[[int], subprocess.Popen[bytes]],
+    free_port: Callable[[], int],
 ) -> None:
     """When Redis dies mid-run, allocations go on over advisory locks; nothing overlaps."""
     await make_pools(kipam_advisory, ["hot"])

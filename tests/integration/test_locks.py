@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,14 +64,6 @@ def _pool_id() -> int:
 
 def _url(backend: str) -> str | None:
     return REDIS_URL if backend == "redis" else None
-
-
-def _closed_port() -> int:
-    """A local TCP port nothing listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _messages(caplog: pytest.LogCaptureFixture, level: int, text: str) -> int:
@@ -505,11 +496,11 @@ async def test_exception_in_body_releases_the_lock(
 
 
 async def test_unreachable_redis_falls_back_to_advisory_locks(
-    start: Start, connect: Connect, caplog: pytest.LogCaptureFixture
+    start: Start, connect: Connect, caplog: pytest.LogCaptureFixture, free_port: Callable[[], int]
 ) -> None:
     """With Redis refusing connections, advisory locks exclude and one warning is logged."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    manager = await start(f"redis://127.0.0.1:{_closed_port()}/0", retry_s=0.01)
+    manager = await start(f"redis://127.0.0.1:{free_port()}/0", retry_s=0.01)
     status = manager.status()
     assert (status["backend"], status["redis"]) == ("advisory", "down")
     assert isinstance(status["since"], str)
@@ -529,11 +520,11 @@ async def test_unreachable_redis_falls_back_to_advisory_locks(
 
 
 async def test_probes_are_spaced_by_retry_s(
-    start: Start, connect: Connect, caplog: pytest.LogCaptureFixture
+    start: Start, connect: Connect, caplog: pytest.LogCaptureFixture, free_port: Callable[[], int]
 ) -> None:
     """While Redis is down, acquisitions within retry_s do not try it again."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    manager = await start(f"redis://127.0.0.1:{_closed_port()}/0", retry_s=60.0)
+    manager = await start(f"redis://127.0.0.1:{free_port()}/0", retry_s=60.0)
     conn = await connect()
     for _ in range(5):
         assert (await _take(manager, _pool_id(), conn)).backend == "advisory"
@@ -546,10 +537,11 @@ async def test_goes_back_to_redis_and_falls_back_again(
     connect: Connect,
     caplog: pytest.LogCaptureFixture,
     start_redis: Callable[[int], subprocess.Popen[bytes]],
+    free_port: Callable[[], int],
 ) -> None:
     """When Redis comes up the manager returns to it (info once); when it dies, falls back again."""
     caplog.set_level(logging.INFO, logger=LOGGER)
-    port = _closed_port()
+    port = free_port()
     manager = await start(f"redis://127.0.0.1:{port}/0", retry_s=0.05)
     pool_id, conn = _pool_id(), await connect()
     assert (await _take(manager, pool_id, conn)).backend == "advisory"
@@ -634,9 +626,9 @@ async def test_batched_redis_locks_are_released_together(
 
 
 async def test_batched_locks_fall_back_when_redis_is_unreachable(
-    start: Start, connect: Connect
+    start: Start, connect: Connect, free_port: Callable[[], int]
 ) -> None:
     """With Redis down, a batch is served with advisory locks."""
-    manager = await start(f"redis://127.0.0.1:{_closed_port()}/0")
+    manager = await start(f"redis://127.0.0.1:{free_port()}/0")
     holds = await _take_many(manager, [_pool_id(), _pool_id()], await connect())
     assert {h.backend for h in holds} == {"advisory"}
