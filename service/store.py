@@ -28,7 +28,6 @@ from service.errors import (
 from service.models import Allocation, Pool, PoolPolicy
 
 if TYPE_CHECKING:
-    import ipaddress
     from collections.abc import AsyncIterator
 
     from service.config import Settings
@@ -69,13 +68,11 @@ _UNAVAILABLE: Final = (
 )
 
 
-def prefix_from_db(value: Prefix | ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> Prefix:
-    """A ``cidr`` value as read from the database: our codec gives prefixes already."""
-    if isinstance(value, Prefix):
-        return value
-    if isinstance(value, str):
-        return parse_prefix(value)
-    return Prefix(value.version, int(value.network_address), value.prefixlen)
+def prefix_from_db(value: object) -> Prefix:
+    """A ``cidr`` column value: connections of :class:`Database` decode ``cidr`` to prefixes."""
+    if not isinstance(value, Prefix):  # pragma: no cover - a connection without our codec
+        raise TypeError(f"expected a Prefix from the cidr codec, got {type(value).__name__}")
+    return value
 
 
 def pool_from_row(row: asyncpg.Record) -> Pool:
@@ -226,11 +223,6 @@ class Database:
         except Exception as exc:
             raise translate(exc) from exc
         return cls(pool)
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        """The underlying pool (for the health check and tests)."""
-        return self._pool
 
     async def close(self) -> None:
         """Close every connection, waiting at most 10 s for those in use."""
