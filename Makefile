@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck unit bench clean
+.PHONY: help install run test lint proto proto-lint typecheck unit bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,10 +23,24 @@ install: $(STAMP) ## create .venv and install kipam with its test and dev tools
 run: $(STAMP) ## start kipam serve on the embedded default (loopback only)
 	$(BIN)/kipam serve
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy
+lint: $(STAMP) proto-lint ## ruff (lint + format check), mypy and buf
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+proto: $(STAMP) ## regenerate service/grpc/gen from proto/kipam/v1 (commit the result)
+	$(BIN)/python proto/generate.py
+
+BUF := proto/node_modules/.bin/buf
+$(BUF): proto/package.json proto/package-lock.json
+	npm ci --prefix proto --no-fund --no-audit --ignore-scripts --silent
+	touch $(BUF)
+
+proto-lint: ## buf lint and buf format over proto/ (buf pinned in proto/package.json)
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory $(BUF) && cd proto && node_modules/.bin/buf lint \
+		&& node_modules/.bin/buf format --diff --exit-code; \
+	else echo "proto-lint: skipped, npm not found (CI has it)"; fi
 
 typecheck: $(STAMP) ## mypy only
 	$(BIN)/mypy
@@ -41,4 +55,4 @@ bench: $(STAMP) ## engine benchmarks; results go to bench/RESULTS.md by hand
 	$(BIN)/python bench/engine_bench.py
 
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis build *.egg-info
+	rm -rf $(VENV) proto/node_modules .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis build *.egg-info
