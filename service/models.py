@@ -22,6 +22,7 @@ __all__ = [
     "STATES",
     "Allocation",
     "AllocationRequest",
+    "Change",
     "Page",
     "Pool",
     "PoolPolicy",
@@ -235,6 +236,27 @@ class PoolUsage:
     largest_free: Prefix | None
     fragmentation: float
     utilization: float
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the history, as the change feed delivers it.
+
+    ``kind`` is one of ``pool.created``, ``pool.deleted``, ``allocation.created``,
+    ``allocation.quarantined``, ``allocation.released``; ``prefix`` is the pool's CIDR for
+    pool changes; ``allocation_id`` and ``owner`` are None for them.
+    """
+
+    revision: int
+    kind: str
+    at: datetime
+    pool: str
+    allocation_id: int | None
+    prefix: Prefix | None
+    owner: str | None
+    actor: str
+    request_id: str | None
+    trace_id: str | None
 
 
 T = TypeVar("T")

@@ -49,6 +49,7 @@ from service.errors import (
     PreconditionFailedError,
     ServiceError,
 )
+from service.feed import ChangeFeed
 from service.locks import begin_with_locks
 from service.models import (
     ROLES,
@@ -74,9 +75,10 @@ from service.store import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
     from service.locks import LockManager
+    from service.models import Change
     from service.store import Database
 
 __all__ = ["Kipam", "parse_selector"]
@@ -463,6 +465,7 @@ class _Lane:
             for pool in locked.values():
                 if pool.changed:
                     pool.engine.generation = pool.next_generation
+            kipam.feed.wake()
             # Answer before the locks are released: while the release goes to Redis, the
             # callers queue their next requests, which then share the next transaction.
             for job, result in results:
@@ -732,12 +735,19 @@ class Kipam:
     """Every use case, over one database and one lock manager."""
 
     def __init__(
-        self, db: Database, locks: LockManager, *, batch_max: int = 256, lanes: int = 2
+        self,
+        db: Database,
+        locks: LockManager,
+        *,
+        batch_max: int = 256,
+        lanes: int = 2,
+        watch_poll_s: float = 0.5,
     ) -> None:
         self.db = db
         self.locks = locks
         self.batch_max = batch_max
         self.engines = _Engines()
+        self.feed = ChangeFeed(db, poll_s=watch_poll_s)
         self._lanes = [_Lane(self, n) for n in range(max(1, lanes))]
         self._pools: dict[str, Pool] = {}
 
@@ -815,6 +825,7 @@ class Kipam:
                     ctx=ctx,
                     space_id=space_id,
                 )
+            self.feed.wake()
             return await self.get_pool_by_id(pool_id)
         parent_pool = await self.get_pool(parent)
         if (prefix is None) == (prefix_length is None):
@@ -974,6 +985,7 @@ class Kipam:
             if error is not None:
                 raise error
             await self._mark_deleted(conn, pool.id, name, ctx)
+        self.feed.wake()
 
     async def _check_empty(
         self, conn: asyncpg.Connection, pool_id: int, name: str
@@ -1138,7 +1150,7 @@ class Kipam:
             PreconditionFailedError: it is a live child pool's CIDR.
         """
         ctx = ctx or RequestContext()
-        row = await self.db.fetchrow(_POOL_OF_ALLOCATION, allocation_id)
+        row = await self.db.fetchrow(_POOL_OF_ALLOCATION, _check_id(allocation_id))
         if row is None:
             raise AllocationNotFoundError(allocation_id)
         job = _Release(
@@ -1152,7 +1164,7 @@ class Kipam:
         row = await self.db.fetchrow(
             f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
             f" WHERE a.pool_id = ({_POOL_OF_ALLOCATION}) AND a.id = $1",
-            allocation_id,
+            _check_id(allocation_id),
         )
         if row is None:
             raise AllocationNotFoundError(allocation_id)
@@ -1271,6 +1283,12 @@ class Kipam:
         async with self._current_engine(target.id) as (_, engine):
             return engine.available(length, limit)
 
+    def watch(
+        self, since_revision: int | None = None, pool: str | None = None
+    ) -> AsyncGenerator[Change, None]:
+        """Every change after ``since_revision``, then live (see :mod:`service.feed`)."""
+        return self.feed.watch(since_revision, pool)
+
     @contextlib.asynccontextmanager
     async def _current_engine(
         self, pool_id: int
@@ -1298,6 +1316,14 @@ def _to_address(value: str) -> Prefix:
         return parse_address(value)
     except EngineError as exc:
         raise InvalidRequestError(exc.message, field="address") from exc
+
+
+def _check_id(allocation_id: int) -> int:
+    if allocation_id < 1:
+        raise InvalidRequestError(
+            f"{allocation_id!r} is not an allocation id (a positive integer).", field="id"
+        )
+    return allocation_id
 
 
 def _check_limit(limit: object) -> int:

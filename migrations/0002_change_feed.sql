@@ -1,0 +1,11 @@
+-- The change feed (WatchAllocations) reads `changes` in the order (xid, revision): by the
+-- writing transaction, then by revision, and only below the oldest transaction still
+-- running. Resuming from a change is then an index range scan from (its xid, its revision).
+--
+-- Why not revision order alone: revisions are taken from a sequence inside transactions that
+-- commit in any order, so a reader at revision 12 can later see 10 commit, and a cursor on
+-- the revision would skip it. Every transaction below pg_snapshot_xmin has ended, so nothing
+-- can appear below a cursor taken there. Within one pool the two orders agree: a pool's
+-- writers hold its lock (Redis or advisory, neither of which assigns an xid) before their
+-- first write, so a later writer of the pool always has a larger xid.
+CREATE INDEX changes_feed ON changes (xid, revision);
