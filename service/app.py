@@ -5,7 +5,8 @@ configured, the connection pool, migrations, the lock manager, the use cases) in
 ``async with`` and closes it in reverse order. :func:`serve` runs the HTTP server on top of
 them until SIGTERM or SIGINT.
 
-Until the API issues land, HTTP serves only the health endpoints:
+gRPC serves ``kipam.v1`` (:mod:`service.grpc`). Until the REST issue lands, HTTP serves only
+the health endpoints:
 
 * ``GET /healthz``: the process is up (200, always);
 * ``GET /readyz``: the database answers, the migrations are current and which lock backend
@@ -27,6 +28,7 @@ from litestar.response import Response
 
 from service.config import Settings, parse_listen_address
 from service.errors import PreconditionFailedError
+from service.grpc.server import GrpcServer
 from service.locks import LockManager
 from service.migrate import migrate, status
 from service.store import Database
@@ -102,7 +104,13 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
             settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s
         )
         await locks.start()
-        kipam = Kipam(db, locks, batch_max=settings.batch_max, lanes=settings.write_lanes)
+        kipam = Kipam(
+            db,
+            locks,
+            batch_max=settings.batch_max,
+            lanes=settings.write_lanes,
+            watch_poll_s=settings.watch_poll_s,
+        )
         try:
             yield Resources(settings, db, locks, kipam, kind)
         finally:
@@ -149,13 +157,20 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop accepting, finish in-flight work and close."""
+    """Run until SIGTERM or SIGINT, then stop accepting, finish in-flight work and close.
+
+    Shutdown order: gRPC health turns NOT_SERVING and both servers stop accepting; calls in
+    flight get ``KIPAM_SHUTDOWN_GRACE_S`` to finish; then the lanes drain and the database
+    and lock connections close.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
     async with resources(settings) as res:
+        grpc_server = GrpcServer(res, settings.grpc_addr)
+        await grpc_server.start()
         config = uvicorn.Config(
             build_http_app(res),
             host=host,
@@ -163,12 +178,14 @@ async def serve(settings: Settings) -> None:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
         )
         server = _Server(config)
         task = asyncio.create_task(server.serve())
         _log.info(
-            "kipam serving HTTP on %s (database: %s, locks: %s)",
+            "kipam serving HTTP on %s and gRPC on %s (database: %s, locks: %s)",
             settings.http_addr,
+            settings.grpc_addr,
             res.database,
             res.locks.backend,
         )
@@ -176,8 +193,9 @@ async def serve(settings: Settings) -> None:
         done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:  # the server failed to start (port taken, ...)
             waiter.cancel()
+            await grpc_server.stop(0)
             await task
             raise SystemExit(1)
-        _log.info("shutting down")
+        _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
         server.should_exit = True
-        await task
+        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)

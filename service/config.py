@@ -45,6 +45,11 @@ class Settings:
         statement_timeout_s: Upper bound on any one SQL statement.
         batch_max: Most queued requests served in one transaction (group commit).
         write_lanes: Transactions this process runs at once; pools are split between lanes.
+        shutdown_grace_s: On SIGTERM, how long in-flight calls may take to finish before
+            they are cancelled (keep below the pod's terminationGracePeriodSeconds).
+        watch_poll_s: How often a change-feed subscriber looks for changes written by other
+            replicas (this replica's own commits wake it at once).
+        max_message_bytes: Largest gRPC request accepted (RESOURCE_EXHAUSTED beyond).
     """
 
     database_url: str | None = None
@@ -60,6 +65,9 @@ class Settings:
     statement_timeout_s: float = 10.0
     batch_max: int = 256
     write_lanes: int = 2
+    shutdown_grace_s: float = 20.0
+    watch_poll_s: float = 0.5
+    max_message_bytes: int = 4 * 1024 * 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -86,6 +94,9 @@ class Settings:
             statement_timeout_s=number("STATEMENT_TIMEOUT_S", cls.statement_timeout_s, minimum=0.1),
             batch_max=int(number("BATCH_MAX", cls.batch_max, minimum=1)),
             write_lanes=int(number("WRITE_LANES", cls.write_lanes, minimum=1)),
+            shutdown_grace_s=number("SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0.0),
+            watch_poll_s=number("WATCH_POLL_S", cls.watch_poll_s, minimum=0.01),
+            max_message_bytes=int(number("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024)),
         )
         parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
         parse_listen_address(settings.grpc_addr, "KIPAM_GRPC_ADDR")

@@ -11,8 +11,12 @@ service adds its own kinds of failure and maps both, here and only here::
     +-- PreconditionFailedError      kind PRECONDITION  e.g. deleting a pool that holds prefixes
     +-- InvalidRequestError          kind INVALID       bad input caught by the service
     +-- UnavailableError             kind UNAVAILABLE   the database or lock is not answering
-        +-- LockTimeoutError         a pool lock was not granted within its bounded wait
-        +-- DatabaseUnavailableError
+    |   +-- LockTimeoutError         a pool lock was not granted within its bounded wait
+    |   +-- DatabaseUnavailableError
+    |   +-- ServerUnavailableError   (client side) the kipam server did not answer in time
+    +-- UnauthenticatedError         kind UNAUTHENTICATED  no valid credentials
+    +-- PermissionDeniedError        kind FORBIDDEN     credentials without the right
+    +-- InternalError                kind INTERNAL      (client side) the server failed
 
 Driver errors (asyncpg, redis) never leave the store and lock modules: they are translated
 there, ``raise ... from exc``, into one of these.
@@ -31,14 +35,18 @@ __all__ = [
     "AllocationNotFoundError",
     "AlreadyExistsError",
     "DatabaseUnavailableError",
+    "InternalError",
     "InvalidRequestError",
     "Kind",
     "LockTimeoutError",
     "NotFoundError",
+    "PermissionDeniedError",
     "PoolNotFoundError",
     "PreconditionFailedError",
+    "ServerUnavailableError",
     "ServiceError",
     "Status",
+    "UnauthenticatedError",
     "UnavailableError",
     "kind_of",
     "status_of",
@@ -161,6 +169,28 @@ class LockTimeoutError(UnavailableError):
 
 class DatabaseUnavailableError(UnavailableError):
     """PostgreSQL did not answer, or the connection broke."""
+
+
+class ServerUnavailableError(UnavailableError):
+    """(Client side) the kipam server could not be reached or did not answer in time."""
+
+
+class UnauthenticatedError(ServiceError):
+    """The request carries no valid credentials."""
+
+    kind = Kind.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ServiceError):
+    """The credentials do not allow this operation on this resource."""
+
+    kind = Kind.FORBIDDEN
+
+
+class InternalError(ServiceError):
+    """(Client side) the server failed on a bug of its own; it has logged it."""
+
+    kind = Kind.INTERNAL
 
 
 _ABSTRACT = (ServiceError, NotFoundError, UnavailableError)

@@ -1,0 +1,192 @@
+"""Errors to gRPC status, in one interceptor, with ``google.rpc`` details where they help.
+
+Every handler of every service runs inside :class:`ErrorInterceptor`: an engine or service
+error becomes the status of its kind (the one table, :data:`service.errors.STATUS`), plus:
+
+* ``google.rpc.ErrorInfo`` always: ``reason`` is the kind (``EXHAUSTED``, ``CONFLICT``...),
+  ``domain`` ``kipam``, and ``metadata`` the facts a program needs (``field``,
+  ``conflicts``, ``pool``, ``length``, ``largest_free``);
+* ``google.rpc.BadRequest`` naming the field of an invalid request;
+* ``google.rpc.ResourceInfo`` naming what was not found;
+* ``google.rpc.QuotaFailure`` naming the exhausted pool;
+* ``google.rpc.PreconditionFailure`` for a state that forbids the change;
+* ``google.rpc.RetryInfo`` for UNAVAILABLE (worth retrying after that delay).
+
+Anything else is a bug: it is logged with its traceback and the caller gets INTERNAL with
+the request id, never the traceback. :func:`error_from_status` is the reverse, for clients.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from engine.errors import PoolExhaustedError, PrefixConflictError
+from service.errors import (
+    STATUS,
+    AllocationNotFoundError,
+    AlreadyExistsError,
+    InvalidRequestError,
+    Kind,
+    PoolNotFoundError,
+    kind_of,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from google.protobuf.message import Message
+
+__all__ = ["DOMAIN", "ErrorInterceptor", "status_for"]
+
+_log = logging.getLogger("kipam.grpc")
+
+DOMAIN: Final = "kipam"
+_RETRY_AFTER_S: Final = 1
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(message)
+    return out
+
+
+def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
+    """The status (code, message, details) an error is reported with."""
+    kind = kind_of(error)
+    code = getattr(code_pb2, STATUS[kind].grpc)
+    if kind is Kind.INTERNAL:
+        message = f"Internal error (request id {request_id or 'none'}); it has been logged."
+    else:
+        message = getattr(error, "message", None) or str(error)
+    metadata: dict[str, str] = {}
+    details: list[Message] = []
+    field = getattr(error, "field", None)
+    if isinstance(error, InvalidRequestError) and field:
+        metadata["field"] = field
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+                ]
+            )
+        )
+    if isinstance(error, PoolNotFoundError):
+        details.append(
+            error_details_pb2.ResourceInfo(resource_type="pool", resource_name=error.name)
+        )
+    elif isinstance(error, AllocationNotFoundError):
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type="allocation", resource_name=str(error.allocation_id)
+            )
+        )
+    if isinstance(error, AlreadyExistsError | PrefixConflictError) and error.conflicts:
+        metadata["conflicts"] = ",".join(str(c) for c in error.conflicts)
+    if isinstance(error, PoolExhaustedError):
+        metadata.update(pool=str(error.pool), length=str(error.length))
+        if error.largest_free is not None:
+            metadata["largest_free"] = str(error.largest_free)
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"pool:{error.pool}", description=message
+                    )
+                ]
+            )
+        )
+    if kind is Kind.PRECONDITION:
+        details.append(
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="STATE", description=message
+                    )
+                ]
+            )
+        )
+    if kind is Kind.UNAVAILABLE:
+        details.append(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_RETRY_AFTER_S))
+        )
+    info = error_details_pb2.ErrorInfo(reason=kind.name, domain=DOMAIN, metadata=metadata)
+    status = status_pb2.Status(
+        code=code, message=message, details=[_pack(info), *(_pack(d) for d in details)]
+    )
+    return rpc_status.to_status(status)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return ""
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    request_id = _request_id(context)
+    if kind_of(error) is Kind.INTERNAL:
+        _log.error("request %s failed", request_id or "-", exc_info=error)
+    await context.abort_with_status(status_for(error, request_id))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpcio is untyped
+    """Turns what a handler raises into the status of its kind (see the module docstring)."""
+
+    async def intercept_service(  # noqa: D102 - the class says it
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # kipam has no client-streaming calls
+
+
+def _guard_unary(
+    behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]],
+) -> Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]:
+    async def guarded(request: object, context: grpc.aio.ServicerContext) -> object:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError from exc  # pragma: no cover - abort raises
+
+    return guarded
+
+
+def _guard_stream(
+    behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]],
+) -> Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]]:
+    async def guarded(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, exc)
+
+    return guarded

@@ -1,0 +1,362 @@
+"""The gRPC server: kipam.v1 services, grpc.health.v1, server reflection, graceful stop.
+
+Each servicer method converts its request (:mod:`service.grpc.convert`), calls one use case
+and converts the answer; errors are the interceptor's business (:mod:`service.grpc.errors`).
+
+Health: the overall status ("") and each kipam service are SERVING only while the database
+answers; a probe task checks every ``probe_s`` seconds. At shutdown every status turns
+NOT_SERVING first, so load balancers stop sending calls before the server stops accepting.
+
+Cancellation: grpc cancels a handler whose caller went away or whose deadline passed. A
+write queued to a lane is then skipped if it has not started, or runs to its commit (or
+rollback) and its answer is dropped: never half-written, and locks are released by the lane.
+A retry with the same idempotency key returns what was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.errors import InvalidRequestError, UnavailableError
+from service.grpc import convert
+from service.grpc.errors import ErrorInterceptor
+from service.grpc.gen import allocation_pb2 as apb
+from service.grpc.gen import allocation_pb2_grpc as apb_grpc
+from service.grpc.gen import cluster_pb2 as cpb
+from service.grpc.gen import cluster_pb2_grpc as cpb_grpc
+from service.grpc.gen import pool_pb2 as ppb
+from service.grpc.gen import pool_pb2_grpc as ppb_grpc
+from service.models import AllocationRequest, RequestContext
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from service.app import Resources
+    from service.usecases import Kipam
+
+__all__ = ["GrpcServer", "request_context"]
+
+_log = logging.getLogger("kipam.grpc")
+
+# grpc.aio.ServicerContext; grpcio ships no annotations, so it is Any to mypy either way.
+Context: TypeAlias = Any
+SERVICES: Final = (
+    ppb.DESCRIPTOR.services_by_name["PoolService"].full_name,
+    apb.DESCRIPTOR.services_by_name["AllocationService"].full_name,
+    cpb.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+)
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_REQUEST_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
+_DEFAULT_PAGE: Final = 100
+
+
+def request_context(context: Context) -> RequestContext:
+    """Who asks and which request and trace this is, from the call's metadata.
+
+    ``x-request-id`` is kept when it is 1-128 printable characters (else one is made);
+    the trace id comes from a W3C ``traceparent``. The actor is ``anonymous`` until
+    authentication lands.
+    """
+    request_id = trace_id = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            request_id = value
+        elif key == "traceparent" and isinstance(value, str):
+            match = _TRACEPARENT.fullmatch(value.strip())
+            if match and match.group(1) != "0" * 32:
+                trace_id = match.group(1)
+    return RequestContext(request_id=request_id or uuid.uuid4().hex, trace_id=trace_id)
+
+
+def _page_size(value: int) -> int:
+    return value or _DEFAULT_PAGE
+
+
+class PoolServicer(ppb_grpc.PoolServiceServicer):
+    """kipam.v1.PoolService over the use cases."""
+
+    def __init__(self, kipam: Kipam) -> None:
+        self.kipam = kipam
+
+    async def CreatePool(
+        self, request: ppb.CreatePoolRequest, context: Context
+    ) -> ppb.CreatePoolResponse:
+        pool = await self.kipam.create_pool(
+            request.name,
+            cidr=request.cidr or None,
+            parent=request.parent or None,
+            prefix_length=(request.prefix_length if request.HasField("prefix_length") else None),
+            role=convert.role_from_pb(request.role) or "container",
+            space=request.space or "default",
+            policy=convert.policy_from_pb(request.policy),
+            labels=dict(request.labels),
+            ctx=request_context(context),
+        )
+        return ppb.CreatePoolResponse(pool=convert.pool_pb(pool))
+
+    async def GetPool(self, request: ppb.GetPoolRequest, context: Context) -> ppb.GetPoolResponse:
+        return ppb.GetPoolResponse(pool=convert.pool_pb(await self.kipam.get_pool(request.name)))
+
+    async def ListPools(
+        self, request: ppb.ListPoolsRequest, context: Context
+    ) -> ppb.ListPoolsResponse:
+        page = await self.kipam.list_pools(
+            space=request.space or None,
+            role=convert.role_from_pb(request.role),
+            parent=request.parent or None,
+            selector=request.label_selector,
+            family=request.family or None,
+            after=request.page_token or None,
+            limit=_page_size(request.page_size),
+        )
+        return ppb.ListPoolsResponse(
+            pools=[convert.pool_pb(p) for p in page.items],
+            next_page_token=page.next_cursor or "",
+        )
+
+    async def DeletePool(
+        self, request: ppb.DeletePoolRequest, context: Context
+    ) -> ppb.DeletePoolResponse:
+        await self.kipam.delete_pool(request.name, ctx=request_context(context))
+        return ppb.DeletePoolResponse()
+
+    async def GetPoolUsage(
+        self, request: ppb.GetPoolUsageRequest, context: Context
+    ) -> ppb.GetPoolUsageResponse:
+        length = request.length if request.HasField("length") else None
+        usage = await self.kipam.usage(request.name, length=length)
+        return ppb.GetPoolUsageResponse(usage=convert.usage_pb(usage))
+
+    async def ListAvailablePrefixes(
+        self, request: ppb.ListAvailablePrefixesRequest, context: Context
+    ) -> ppb.ListAvailablePrefixesResponse:
+        prefixes = await self.kipam.available(
+            request.name,
+            length=request.length if request.HasField("length") else None,
+            limit=_page_size(request.limit),
+        )
+        return ppb.ListAvailablePrefixesResponse(prefixes=[str(p) for p in prefixes])
+
+
+class AllocationServicer(apb_grpc.AllocationServiceServicer):
+    """kipam.v1.AllocationService over the use cases."""
+
+    def __init__(self, kipam: Kipam) -> None:
+        self.kipam = kipam
+
+    async def AllocatePrefix(
+        self, request: apb.AllocatePrefixRequest, context: Context
+    ) -> apb.AllocatePrefixResponse:
+        asked = convert.allocation_request(request)
+        allocation, created = await self.kipam.allocate(
+            request.pool,
+            owner=asked.owner,
+            length=asked.length,
+            prefix=asked.prefix,
+            labels=asked.labels,
+            idempotency_key=asked.idempotency_key,
+            dry_run=request.dry_run,
+            ctx=request_context(context),
+        )
+        return apb.AllocatePrefixResponse(
+            allocation=convert.allocation_pb(allocation), created=created
+        )
+
+    async def AllocatePrefixes(
+        self, request: apb.AllocatePrefixesRequest, context: Context
+    ) -> apb.AllocatePrefixesResponse:
+        asked: list[AllocationRequest] = []
+        for index, item in enumerate(request.requests):
+            try:
+                asked.append(convert.allocation_request(item))
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(
+                    f"requests[{index}]: {exc.message}", field=f"requests[{index}].{exc.field}"
+                ) from exc
+        answers = await self.kipam.allocate_many(
+            request.pool, asked, dry_run=request.dry_run, ctx=request_context(context)
+        )
+        return apb.AllocatePrefixesResponse(
+            results=[
+                apb.AllocatedPrefix(allocation=convert.allocation_pb(a), created=created)
+                for a, created in answers
+            ]
+        )
+
+    async def ReleasePrefix(
+        self, request: apb.ReleasePrefixRequest, context: Context
+    ) -> apb.ReleasePrefixResponse:
+        allocation = await self.kipam.release(request.id, ctx=request_context(context))
+        return apb.ReleasePrefixResponse(allocation=convert.allocation_pb(allocation))
+
+    async def GetAllocation(
+        self, request: apb.GetAllocationRequest, context: Context
+    ) -> apb.GetAllocationResponse:
+        allocation = await self.kipam.get_allocation(request.id)
+        return apb.GetAllocationResponse(allocation=convert.allocation_pb(allocation))
+
+    async def ListAllocations(
+        self, request: apb.ListAllocationsRequest, context: Context
+    ) -> apb.ListAllocationsResponse:
+        page = await self.kipam.list_allocations(
+            pool=request.pool or None,
+            owner=request.owner or None,
+            selector=request.label_selector,
+            state=convert.state_from_pb(request.state),
+            family=request.family or None,
+            after=request.page_token or None,
+            limit=_page_size(request.page_size),
+        )
+        return apb.ListAllocationsResponse(
+            allocations=[convert.allocation_pb(a) for a in page.items],
+            next_page_token=page.next_cursor or "",
+        )
+
+    async def LookupAddress(
+        self, request: apb.LookupAddressRequest, context: Context
+    ) -> apb.LookupAddressResponse:
+        at = convert.timestamp_from_pb(request.at) if request.HasField("at") else None
+        found = await self.kipam.lookup(request.address, at=at)
+        return apb.LookupAddressResponse(
+            address=convert.address_text(request.address),
+            allocations=[convert.allocation_pb(a) for a in found],
+        )
+
+    async def WatchAllocations(
+        self, request: apb.WatchAllocationsRequest, context: Context
+    ) -> AsyncIterator[apb.WatchAllocationsResponse]:
+        since = request.since_revision if request.HasField("since_revision") else None
+        changes = self.kipam.watch(since, request.pool or None)
+        try:
+            async for change in changes:
+                yield apb.WatchAllocationsResponse(change=convert.change_pb(change))
+        finally:
+            await changes.aclose()
+
+
+class ClusterServicer(cpb_grpc.ClusterServiceServicer):
+    """kipam.v1.ClusterService: answers UNIMPLEMENTED until cluster plans land (issue 6)."""
+
+    async def _unimplemented(self, context: Context, rpc: str) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{rpc} is not available yet: cluster plans come with kipam's cluster-plan "
+            "release. Carve clusters with CreatePool meanwhile.",
+        )
+
+    async def PlanCluster(
+        self, request: cpb.PlanClusterRequest, context: Context
+    ) -> cpb.PlanClusterResponse:
+        await self._unimplemented(context, "PlanCluster")
+        return cpb.PlanClusterResponse()  # pragma: no cover - abort raises
+
+    async def GetCluster(
+        self, request: cpb.GetClusterRequest, context: Context
+    ) -> cpb.GetClusterResponse:
+        await self._unimplemented(context, "GetCluster")
+        return cpb.GetClusterResponse()  # pragma: no cover
+
+    async def RenderCluster(
+        self, request: cpb.RenderClusterRequest, context: Context
+    ) -> cpb.RenderClusterResponse:
+        await self._unimplemented(context, "RenderCluster")
+        return cpb.RenderClusterResponse()  # pragma: no cover
+
+    async def DeleteCluster(
+        self, request: cpb.DeleteClusterRequest, context: Context
+    ) -> cpb.DeleteClusterResponse:
+        await self._unimplemented(context, "DeleteCluster")
+        return cpb.DeleteClusterResponse()  # pragma: no cover
+
+
+class GrpcServer:
+    """kipam's gRPC server over opened resources: start, then stop with a grace period.
+
+    Args:
+        res: The process's resources.
+        address: ``host:port`` to listen on (port 0: any free port, see :attr:`port`).
+        probe_s: How often the health status is refreshed from the database.
+    """
+
+    def __init__(self, res: Resources, address: str, *, probe_s: float = 2.0) -> None:
+        settings = res.settings
+        self.res = res
+        self.address = address
+        self._probe_s = probe_s
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        ppb_grpc.add_PoolServiceServicer_to_server(PoolServicer(res.kipam), self.server)
+        apb_grpc.add_AllocationServiceServicer_to_server(AllocationServicer(res.kipam), self.server)
+        cpb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+        self._probe: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind and start serving; health follows the database from now on.
+
+        Raises:
+            UnavailableError: the address cannot be bound.
+        """
+        try:
+            self.port = self.server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise UnavailableError(f"Cannot listen for gRPC on {self.address}: {exc}") from exc
+        await self.server.start()
+        await self._set_health(up=await self.res.db.ping())
+        self._probe = asyncio.create_task(self._watch_database(), name="kipam-grpc-health")
+
+    async def _set_health(self, *, up: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if up
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        up = True
+        while True:
+            await asyncio.sleep(self._probe_s)
+            now = await self.res.db.ping()
+            if now != up:
+                _log.warning(
+                    "database %s: gRPC health %s",
+                    *(("answers again", "SERVING") if now else ("does not answer", "NOT_SERVING")),
+                )
+                up = now
+            await self._set_health(up=now)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop: health NOT_SERVING, end the change feeds, then let calls finish.
+
+        New calls are refused at once; calls in flight get ``grace_s`` seconds, then are
+        cancelled (their writes are all or nothing, see the module docstring).
+        """
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.health.enter_graceful_shutdown()
+        self.res.kipam.feed.close()
+        await self.server.stop(grace_s)
