@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,10 +16,16 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import KipamClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from service.models import Allocation
 
 pytestmark = [pytest.mark.slow]
 
@@ -64,6 +71,23 @@ def postgres_running(data_dir: Path) -> bool:
     return False
 
 
+def grpc_serving(target: str) -> bool:
+    """grpc.health.v1 Check of the whole server, as grpc_health_probe does it."""
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def allocate_once(target: str) -> Allocation:
+    """A pool and one allocation through the typed client."""
+    async with KipamClient(target) as client:
+        await client.create_pool("site", cidr="fd12:3456:789a::/48")
+        allocation, _ = await client.allocate("site", owner="node/a", length=64)
+        return allocation
+
+
 @pytest.fixture(name="data_dir")
 def _data_dir() -> Iterator[Path]:
     """A data directory outside pytest's tmp (the embedded server user must reach it)."""
@@ -76,12 +100,13 @@ def _data_dir() -> Iterator[Path]:
 def test_serve_on_the_embedded_default(
     data_dir: Path, sig: signal.Signals, free_port: Callable[[], int]
 ) -> None:
-    """With no settings, serve starts an embedded PostgreSQL, is ready, and stops it on a signal."""
-    port = free_port()
+    """With no settings, serve runs on an embedded PostgreSQL, HTTP and gRPC; a signal stops all."""
+    port, grpc_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},
         "KIPAM_DATA_DIR": str(data_dir),
         "KIPAM_HTTP_ADDR": f"127.0.0.1:{port}",
+        "KIPAM_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
     }
     log = data_dir.parent / "serve.log"
     with log.open("w") as stderr:
@@ -92,6 +117,9 @@ def test_serve_on_the_embedded_default(
         assert body["locks"]["backend"] == "advisory"  # type: ignore[index]
         assert get(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok"})
         assert postgres_running(data_dir)
+        assert grpc_serving(f"127.0.0.1:{grpc_port}")
+        allocation = asyncio.run(allocate_once(f"127.0.0.1:{grpc_port}"))
+        assert str(allocation.prefix) == "fd12:3456:789a::/64"
         second = subprocess.run(
             [*KIPAM, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
         )
@@ -115,6 +143,7 @@ def test_serve_refuses_an_old_schema_and_migrate_fixes_it(
         **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},
         "KIPAM_DATABASE_URL": empty_database,
         "KIPAM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "KIPAM_GRPC_ADDR": f"127.0.0.1:{free_port()}",
     }
     refused = subprocess.run(
         [*KIPAM, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False

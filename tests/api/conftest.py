@@ -1,0 +1,65 @@
+"""A real kipam gRPC server on a free port, over the session's migrated database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from typing import TYPE_CHECKING
+
+import pytest_asyncio
+
+from service.app import Resources
+from service.client import KipamClient
+from service.grpc.server import GrpcServer
+from service.locks import LockManager
+from service.usecases import Kipam
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from service.config import Settings
+    from service.store import Database
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> None:
+    """Poll ``condition`` (sync or async) until it holds; TimeoutError after ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            answer = condition()
+            if await answer if inspect.isawaitable(answer) else answer:
+                return
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    db: Database, settings: Settings, *, redis_url: str | None = None, address: str = "127.0.0.1:0"
+) -> AsyncIterator[GrpcServer]:
+    """One replica: its own use cases and locks over the shared database (any free port)."""
+    locks = LockManager(redis_url, wait_s=settings.lock_wait_s, ttl_s=settings.lock_ttl_s)
+    await locks.start()
+    kipam = Kipam(db, locks, watch_poll_s=0.1)
+    server = GrpcServer(Resources(settings, db, locks, kipam, "external"), address)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(1.0)
+        await kipam.close()
+        await locks.close()
+
+
+@pytest_asyncio.fixture(name="server", loop_scope="session")
+async def _server(db: Database, settings: Settings, clean: None) -> AsyncIterator[GrpcServer]:
+    """A gRPC server (advisory locks) on empty tables."""
+    _ = clean
+    async with serving(db, settings) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(name="client", loop_scope="session")
+async def _client(server: GrpcServer) -> AsyncIterator[KipamClient]:
+    """The typed client, connected to ``server``."""
+    async with KipamClient(f"127.0.0.1:{server.port}", timeout=10.0) as client:
+        yield client
