@@ -10,16 +10,24 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.app import Resources
 from service.client import KipamClient
 from service.errors import Kind, ServerUnavailableError, kind_of
-from service.locks import advisory_key
+from service.grpc.server import GrpcServer
+from service.locks import LockManager, advisory_key
+from service.migrate import migrate
 from service.models import PoolPolicy
+from service.store import Database
+from service.usecases import Kipam
 from tests.api.conftest import serving, until
+from tests.conftest import fresh_database
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from service.config import Settings
-    from service.store import Database
 
 pytestmark = [pytest.mark.integration, pytest.mark.api]
 
@@ -183,3 +191,51 @@ async def test_lock_timeout_is_unavailable(db: Database, settings: Settings, cle
                 await client.allocate("p", owner="node/a")
         assert kind_of(caught.value) is Kind.UNAVAILABLE
     assert await _count(db, "SELECT count(*) FROM allocations") == 0
+
+
+async def test_health_follows_the_database(
+    server_dsn: str, settings: Settings, free_port: Callable[[], int]
+) -> None:
+    """Health is SERVING while the database answers and NOT_SERVING once it is gone."""
+    async with fresh_database(server_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        db = await Database.open(dsn, settings)
+        try:
+            locks = LockManager(None)
+            await locks.start()
+            kipam = Kipam(db, locks)
+            server = GrpcServer(
+                Resources(settings, db, locks, kipam, "external"),
+                f"127.0.0.1:{free_port()}",
+                probe_s=0.05,
+            )
+            await server.start()
+            try:
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    stub = health_pb2_grpc.HealthStub(channel)
+
+                    async def status() -> int:
+                        answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                        return int(answer.status)
+
+                    assert await status() == health_pb2.HealthCheckResponse.SERVING
+                    admin = await asyncpg.connect(server_dsn)
+                    try:  # the database goes away under the running server
+                        await admin.execute(f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
+                    finally:
+                        await admin.close()
+
+                    async def not_serving() -> bool:
+                        return await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+                    await until(not_serving)
+            finally:
+                await server.stop(1.0)
+                await kipam.close()
+                await locks.close()
+        finally:
+            await db.close()
