@@ -7,6 +7,7 @@ service adds its own kinds of failure and maps both, here and only here::
     +-- NotFoundError                kind NOT_FOUND     no such pool / allocation / space
     |   +-- PoolNotFoundError
     |   +-- AllocationNotFoundError
+    |   +-- ReferenceNotFoundError   a row the change refers to has gone (a race with a delete)
     +-- AlreadyExistsError           kind CONFLICT      a name or prefix is taken
     +-- PreconditionFailedError      kind PRECONDITION  e.g. deleting a pool that holds prefixes
     +-- InvalidRequestError          kind INVALID       bad input caught by the service
@@ -43,6 +44,7 @@ __all__ = [
     "PermissionDeniedError",
     "PoolNotFoundError",
     "PreconditionFailedError",
+    "ReferenceNotFoundError",
     "ServerUnavailableError",
     "ServiceError",
     "Status",
@@ -129,6 +131,10 @@ class AllocationNotFoundError(NotFoundError):
     def __init__(self, allocation_id: int) -> None:
         super().__init__(f"There is no allocation with id {allocation_id}.")
         self.allocation_id = allocation_id
+
+
+class ReferenceNotFoundError(NotFoundError):
+    """A row the change refers to has gone meanwhile (the database's foreign key said so)."""
 
 
 class AlreadyExistsError(ServiceError):

@@ -20,10 +20,9 @@ from service.errors import (
     DatabaseUnavailableError,
     InvalidRequestError,
     LockTimeoutError,
-    NotFoundError,
     PreconditionFailedError,
+    ReferenceNotFoundError,
     ServiceError,
-    UnavailableError,
 )
 from service.models import Allocation, Pool, PoolPolicy
 
@@ -138,7 +137,7 @@ def _integrity(exc: asyncpg.PostgresError) -> ServiceError | None:  # noqa: PLR0
             return PreconditionFailedError(str(exc))
         return InvalidRequestError(f"The database refused the value ({_constraint(exc)}): {exc}")
     if isinstance(exc, asyncpg.exceptions.ForeignKeyViolationError):
-        return NotFoundError(f"A referenced row does not exist: {exc}")
+        return ReferenceNotFoundError(f"A referenced row does not exist: {exc}")
     if isinstance(exc, asyncpg.exceptions.DataError):
         return InvalidRequestError(f"The database refused the value: {exc}")
     return None
@@ -154,7 +153,9 @@ def translate(exc: BaseException) -> ServiceError:
     if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
         return LockTimeoutError("The pool is busy: its lock was not granted in time; retry.")
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return UnavailableError("The database did not answer within the statement timeout.")
+        return DatabaseUnavailableError(
+            "The database did not answer within the statement timeout; retry."
+        )
     if isinstance(exc, asyncpg.PostgresError):
         mapped = _integrity(exc)
         if mapped is not None:

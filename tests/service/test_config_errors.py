@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from engine import PoolExhaustedError, parse_prefix
@@ -19,6 +20,7 @@ from service.errors import (
     kind_of,
     status_of,
 )
+from service.store import translate
 
 
 def test_defaults_are_the_embedded_loopback_service() -> None:
@@ -99,3 +101,20 @@ def test_every_kind_has_a_status_and_bases_are_abstract() -> None:
     for abstract in (ServiceError, NotFoundError):
         with pytest.raises(TypeError, match="abstract"):
             abstract("x")
+
+
+@pytest.mark.parametrize(
+    ("driver_error", "kind"),
+    [
+        (asyncpg.exceptions.QueryCanceledError("statement timeout"), Kind.UNAVAILABLE),
+        (asyncpg.exceptions.ForeignKeyViolationError("gone"), Kind.NOT_FOUND),
+        (asyncpg.exceptions.LockNotAvailableError("busy"), Kind.UNAVAILABLE),
+        (asyncpg.exceptions.DataError("bad"), Kind.INVALID),
+        (ConnectionResetError(), Kind.UNAVAILABLE),
+    ],
+)
+def test_driver_errors_translate_to_a_concrete_service_error(
+    driver_error: BaseException, kind: Kind
+) -> None:
+    """Every driver error becomes a raisable service error of the right kind."""
+    assert kind_of(translate(driver_error)) is kind
