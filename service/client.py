@@ -199,8 +199,13 @@ class KipamClient:
         space: str = "",
         policy: PoolPolicy | None = None,
         labels: dict[str, str] | None = None,
-    ) -> Pool:
-        """Create a root pool (``cidr``) or a child pool of ``parent``."""
+        idempotency_key: str | None = None,
+    ) -> tuple[Pool, bool]:
+        """Create a root pool (``cidr``) or a child pool of ``parent``.
+
+        Returns:
+            The pool and whether it was created now (False: an idempotent replay).
+        """
         request = ppb.CreatePoolRequest(
             name=name,
             cidr=str(cidr) if cidr is not None else "",
@@ -209,11 +214,12 @@ class KipamClient:
             space=space,
             policy=convert.policy_pb(policy or PoolPolicy()),
             labels=labels or {},
+            idempotency_key=idempotency_key or "",
         )
         if prefix_length is not None:
             request.prefix_length = prefix_length
         answer = await _call(self._pools.CreatePool(request, **self._opts()))
-        return convert.pool_from_pb(answer.pool)
+        return convert.pool_from_pb(answer.pool), answer.created
 
     async def get_pool(self, name: str) -> Pool:
         """One pool by name."""
@@ -358,6 +364,26 @@ class KipamClient:
             request.at.FromDatetime(at)
         answer = await _call(self._allocations.LookupAddress(request, **self._opts()))
         return [convert.allocation_from_pb(a) for a in answer.allocations]
+
+    async def history(
+        self,
+        *,
+        prefix: str = "",
+        pool: str = "",
+        since: dt.datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[Change]:
+        """One page of the changes touching ``prefix`` and/or in ``pool``, oldest first."""
+        request = apb.ListChangesRequest(
+            prefix=prefix, pool=pool, page_size=page_size, page_token=page_token
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        answer = await _call(self._allocations.ListChanges(request, **self._opts()))
+        return Page(
+            [convert.change_from_pb(c) for c in answer.changes], answer.next_page_token or None
+        )
 
     async def watch(
         self, *, since_revision: int | None = None, pool: str = "", reconnect: bool = True

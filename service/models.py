@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ROLES",
     "STATES",
+    "SUBRESOURCES",
     "Allocation",
     "AllocationRequest",
     "Change",
@@ -50,15 +51,28 @@ _LABEL_KEY: Final = re.compile(
 )
 _LABEL_VALUE: Final = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 MAX_LABELS: Final = 64
+# What REST paths put after a pool's name (/v1/pools/{name}/usage): never a name's last segment.
+SUBRESOURCES: Final = ("allocations", "available", "usage")
 DEFAULT_QUARANTINE_S: Final = 600
 
 
 def check_pool_name(name: object, field_name: str = "name") -> str:
-    """A pool name: path segments of ``a-z 0-9 . _ -`` joined by ``/``, at most 253 characters."""
+    """A pool name: path segments of ``a-z 0-9 . _ -`` joined by ``/``, at most 253 characters.
+
+    The last segment may not be one of :data:`SUBRESOURCES`: REST paths put those after a
+    pool's name (``/v1/pools/eu1-prod/pod/usage``), so such a name could not be addressed.
+    """
     if not isinstance(name, str) or len(name) > 253 or not _POOL_NAME.fullmatch(name):
         raise InvalidRequestError(
             f"{field_name} {name!r} is not a pool name: use lower-case path segments such as "
             "'eu1' or 'eu1-prod/pod' (letters, digits, '.', '_', '-', joined by '/').",
+            field=field_name,
+        )
+    if name.rsplit("/", 1)[-1] in SUBRESOURCES:
+        raise InvalidRequestError(
+            f"{field_name} {name!r} ends in {name.rsplit('/', 1)[-1]!r}, which names a "
+            f"sub-resource in REST paths; a pool name may not end in "
+            f"{', '.join(SUBRESOURCES)}.",
             field=field_name,
         )
     return name

@@ -24,7 +24,7 @@ from service.errors import (
     ReferenceNotFoundError,
     ServiceError,
 )
-from service.models import Allocation, Pool, PoolPolicy
+from service.models import Allocation, Change, Pool, PoolPolicy
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALLOCATION_COLUMNS",
+    "CHANGE_COLUMNS",
     "POOL_COLUMNS",
     "Database",
     "allocation_from_row",
+    "change_from_row",
     "pool_from_row",
     "prefix_from_db",
     "translate",
@@ -44,6 +46,10 @@ __all__ = [
 POOL_COLUMNS: Final = """
     p.id, p.name, p.cidr, s.name AS space, p.role, pp.name AS parent, p.policy, p.labels,
     p.generation, p.revision, p.created_at
+"""
+CHANGE_COLUMNS: Final = """
+    c.revision, c.kind, c.at, c.pool_name, c.allocation_id, c.prefix, c.owner, c.actor,
+    c.request_id, c.trace_id
 """
 ALLOCATION_COLUMNS: Final = """
     a.id, p.name AS pool, a.prefix, a.owner, a.labels, a.state, a.created_at, a.released_at,
@@ -105,6 +111,22 @@ def allocation_from_row(row: asyncpg.Record) -> Allocation:
         reusable_at=row["reusable_at"],
         revision=row["revision"],
         idempotency_key=row["idempotency_key"],
+    )
+
+
+def change_from_row(row: asyncpg.Record) -> Change:
+    """A row selected with :data:`CHANGE_COLUMNS`."""
+    return Change(
+        revision=row["revision"],
+        kind=row["kind"],
+        at=row["at"],
+        pool=row["pool_name"],
+        allocation_id=row["allocation_id"],
+        prefix=prefix_from_db(row["prefix"]) if row["prefix"] is not None else None,
+        owner=row["owner"],
+        actor=row["actor"],
+        request_id=row["request_id"],
+        trace_id=row["trace_id"],
     )
 
 

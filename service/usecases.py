@@ -67,8 +67,10 @@ from service.models import (
 )
 from service.store import (
     ALLOCATION_COLUMNS,
+    CHANGE_COLUMNS,
     POOL_COLUMNS,
     allocation_from_row,
+    change_from_row,
     pool_from_row,
     prefix_from_db,
     translate,
@@ -91,6 +93,7 @@ _POOL_FROM: Final = """
     FROM pools p JOIN spaces s ON s.id = p.space_id LEFT JOIN pools pp ON pp.id = p.parent_id
 """
 _ALLOCATION_FROM: Final = "FROM allocations a JOIN pools p ON p.id = a.pool_id"
+_CHANGE_FROM: Final = "FROM changes c"
 # Allocations are partitioned by pool. Questions that do not name the pool go through the
 # change log, which is one table with its own prefix index, and then into one partition each:
 # by allocation id (the pool of an allocation never changes) ...
@@ -214,6 +217,7 @@ class _CreateChild:
     cidr: Prefix | None
     policy: PoolPolicy
     labels: dict[str, str]
+    idempotency_key: str | None
     ctx: RequestContext
     future: asyncio.Future[int]
 
@@ -674,6 +678,7 @@ class _Lane:
                 policy=job.policy,
                 labels=job.labels,
                 ctx=job.ctx,
+                idempotency_key=job.idempotency_key,
                 parent=(pool.id, allocation.id),
             )
         except asyncpg.exceptions.UniqueViolationError as exc:
@@ -773,20 +778,85 @@ class Kipam:
         space: str = "default",
         policy: PoolPolicy | None = None,
         labels: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
         ctx: RequestContext | None = None,
-    ) -> Pool:
+    ) -> tuple[Pool, bool]:
         """Create a root pool (``cidr``) or a child pool carved from ``parent``.
 
         A child pool's CIDR is an allocation in its parent: by ``prefix_length`` (the parent
-        chooses) or by ``cidr`` (exact).
+        chooses) or by ``cidr`` (exact). With an ``idempotency_key``, a retry answers with the
+        pool the key created.
+
+        Returns:
+            The pool and whether it was created now (False: an idempotent replay).
 
         Raises:
             InvalidRequestError: bad name, role, CIDR or policy; special-purpose ranges.
             PoolNotFoundError: no such parent.
-            AlreadyExistsError: the name is taken, or the CIDR overlaps.
+            AlreadyExistsError: the name is taken, the CIDR overlaps, or the key was used for
+                another pool.
         """
         ctx = ctx or RequestContext()
         check_pool_name(name)
+        if idempotency_key is not None:
+            _check_key(idempotency_key)
+            replay = await self._pool_replay(name, idempotency_key)
+            if replay is not None:
+                return replay, False
+        try:
+            pool = await self._create_pool(
+                name,
+                cidr=cidr,
+                parent=parent,
+                prefix_length=prefix_length,
+                role=role,
+                space=space,
+                policy=policy,
+                labels=labels,
+                idempotency_key=idempotency_key,
+                ctx=ctx,
+            )
+        except AlreadyExistsError:
+            replay = await self._pool_replay(name, idempotency_key) if idempotency_key else None
+            if replay is None:  # not a concurrent retry of the same request
+                raise
+            return replay, False
+        return pool, True
+
+    async def _pool_replay(self, name: str, key: str) -> Pool | None:
+        """The live pool ``key`` created under ``name``, None if the key is unused.
+
+        Raises:
+            AlreadyExistsError: the key created another pool (or one since deleted).
+        """
+        row = await self.db.fetchrow(
+            f"SELECT {POOL_COLUMNS}, p.deleted_at {_POOL_FROM} WHERE p.idempotency_key = $1",
+            key,
+        )
+        if row is None:
+            return None
+        if row["name"] != name or row["deleted_at"] is not None:
+            raise AlreadyExistsError(
+                f"The idempotency key was used to create pool {row['name']}"
+                f"{' (since deleted)' if row['deleted_at'] else ''}; use a new key for a "
+                "new request."
+            )
+        return pool_from_row(row)
+
+    async def _create_pool(  # noqa: PLR0913 - the pool's fields
+        self,
+        name: str,
+        *,
+        cidr: str | Prefix | None,
+        parent: str | None,
+        prefix_length: int | None,
+        role: str,
+        space: str,
+        policy: PoolPolicy | None,
+        labels: dict[str, str] | None,
+        idempotency_key: str | None,
+        ctx: RequestContext,
+    ) -> Pool:
         if role not in ROLES:
             raise InvalidRequestError(
                 f"role {role!r} is not one of {', '.join(ROLES)}.", field="role"
@@ -823,6 +893,7 @@ class Kipam:
                     policy=policy,
                     labels=labels,
                     ctx=ctx,
+                    idempotency_key=idempotency_key,
                     space_id=space_id,
                 )
             self.feed.wake()
@@ -847,6 +918,7 @@ class Kipam:
             prefix,
             policy,
             labels,
+            idempotency_key,
             ctx,
             loop.create_future(),
         )
@@ -863,6 +935,7 @@ class Kipam:
         policy: PoolPolicy,
         labels: dict[str, str],
         ctx: RequestContext,
+        idempotency_key: str | None,
         space_id: int | None = None,
         parent: tuple[int, int] | None = None,
     ) -> int:
@@ -870,8 +943,8 @@ class Kipam:
             """
             WITH ins AS (
                 INSERT INTO pools (space_id, name, cidr, role, parent_id, parent_allocation_id,
-                                   policy, labels, revision)
-                SELECT coalesce($1, pp.space_id), $2, $3, $4, $5, $6, $7, $8,
+                                   policy, labels, idempotency_key, revision)
+                SELECT coalesce($1, pp.space_id), $2, $3, $4, $5, $6, $7, $8, $13,
                        nextval('kipam_revision')
                   FROM (SELECT 1) one LEFT JOIN pools pp ON pp.id = $5
                 RETURNING id, name, cidr, revision
@@ -893,6 +966,7 @@ class Kipam:
             ctx.request_id,
             ctx.trace_id,
             {"policy": policy.to_json(), "labels": labels},
+            idempotency_key,
         )
         if row is None:  # pragma: no cover - INSERT ... RETURNING
             raise AssertionError(name)
@@ -1283,6 +1357,48 @@ class Kipam:
         async with self._current_engine(target.id) as (_, engine):
             return engine.available(length, limit)
 
+    async def history(
+        self,
+        *,
+        prefix: str | None = None,
+        pool: str | None = None,
+        since: dt.datetime | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[Change]:
+        """Changes touching ``prefix`` (overlapping it) and/or in ``pool``, oldest first.
+
+        ``since`` keeps changes made at or after that time; pages go by revision (``after``).
+        """
+        limit = _check_limit(limit)
+        args: list[object] = []
+        where: list[str] = []
+        if prefix is not None:
+            args.append(_to_prefix(prefix, "prefix"))
+            where.append(f"c.prefix && ${len(args)}::cidr")
+        if pool is not None:
+            args.append(check_pool_name(pool, "pool"))
+            where.append(f"c.pool_name = ${len(args)}")
+        if since is not None:
+            if since.tzinfo is None:
+                raise InvalidRequestError("since needs a time zone (e.g. ...Z).", field="since")
+            args.append(since)
+            where.append(f"c.at >= ${len(args)}")
+        if after is not None:
+            if not after.isdigit():
+                raise InvalidRequestError("The page cursor is not valid.", field="after")
+            args.append(int(after))
+            where.append(f"c.revision > ${len(args)}")
+        args.append(limit + 1)
+        rows = await self.db.fetch(
+            f"SELECT {CHANGE_COLUMNS} {_CHANGE_FROM}"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f" ORDER BY c.revision LIMIT ${len(args)}",
+            *args,
+        )
+        items = [change_from_row(r) for r in rows[:limit]]
+        return Page(items, str(items[-1].revision) if len(rows) > limit else None)
+
     def watch(
         self, since_revision: int | None = None, pool: str | None = None
     ) -> AsyncGenerator[Change, None]:
@@ -1316,6 +1432,13 @@ def _to_address(value: str) -> Prefix:
         return parse_address(value)
     except EngineError as exc:
         raise InvalidRequestError(exc.message, field="address") from exc
+
+
+def _check_key(idempotency_key: str) -> None:
+    if not 1 <= len(idempotency_key) <= 256:
+        raise InvalidRequestError(
+            "An idempotency key has 1 to 256 characters.", field="idempotency_key"
+        )
 
 
 def _check_id(allocation_id: int) -> int:
@@ -1355,10 +1478,8 @@ def _request(
         raise InvalidRequestError("Give either prefix_length or prefix, not both.", field="prefix")
     if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
         raise InvalidRequestError("prefix_length must be an integer.", field="prefix_length")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
-        raise InvalidRequestError(
-            "An idempotency key has 1 to 256 characters.", field="idempotency_key"
-        )
+    if idempotency_key is not None:
+        _check_key(idempotency_key)
     return AllocationRequest(
         owner=check_owner(owner),
         length=length,

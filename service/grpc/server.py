@@ -90,7 +90,7 @@ class PoolServicer(ppb_grpc.PoolServiceServicer):
     async def CreatePool(
         self, request: ppb.CreatePoolRequest, context: Context
     ) -> ppb.CreatePoolResponse:
-        pool = await self.kipam.create_pool(
+        pool, created = await self.kipam.create_pool(
             request.name,
             cidr=request.cidr or None,
             parent=request.parent or None,
@@ -99,9 +99,10 @@ class PoolServicer(ppb_grpc.PoolServiceServicer):
             space=request.space or "default",
             policy=convert.policy_from_pb(request.policy),
             labels=dict(request.labels),
+            idempotency_key=request.idempotency_key or None,
             ctx=request_context(context),
         )
-        return ppb.CreatePoolResponse(pool=convert.pool_pb(pool))
+        return ppb.CreatePoolResponse(pool=convert.pool_pb(pool), created=created)
 
     async def GetPool(self, request: ppb.GetPoolRequest, context: Context) -> ppb.GetPoolResponse:
         return ppb.GetPoolResponse(pool=convert.pool_pb(await self.kipam.get_pool(request.name)))
@@ -229,6 +230,21 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
         return apb.LookupAddressResponse(
             address=convert.address_text(request.address),
             allocations=[convert.allocation_pb(a) for a in found],
+        )
+
+    async def ListChanges(
+        self, request: apb.ListChangesRequest, context: Context
+    ) -> apb.ListChangesResponse:
+        page = await self.kipam.history(
+            prefix=request.prefix or None,
+            pool=request.pool or None,
+            since=convert.timestamp_from_pb(request.since) if request.HasField("since") else None,
+            after=request.page_token or None,
+            limit=_page_size(request.page_size),
+        )
+        return apb.ListChangesResponse(
+            changes=[convert.change_pb(c) for c in page.items],
+            next_page_token=page.next_cursor or "",
         )
 
     async def WatchAllocations(

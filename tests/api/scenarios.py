@@ -50,13 +50,37 @@ SCENARIO: tuple[Step, ...] = (
         "create-site",
         "create_pool",
         {"name": "site", "cidr": "2001:db8::/48", "policy": SITE},
-        check=lambda pool: str(pool.cidr) == "2001:db8::/48" and pool.role == "container",
+        check=lambda a: str(a[0].cidr) == "2001:db8::/48" and a[0].role == "container" and a[1],
     ),
     Step(
         "create-child",
         "create_pool",
         {"name": "site/pod", "parent": "site", "prefix_length": 56, "role": "pod"},
-        check=lambda pool: str(pool.cidr) == "2001:db8::/56" and pool.parent == "site",
+        check=lambda a: str(a[0].cidr) == "2001:db8::/56" and a[0].parent == "site",
+    ),
+    Step(
+        "create-keyed",
+        "create_pool",
+        {"name": "keyed", "cidr": "2001:db8:4::/48", "policy": SITE, "idempotency_key": "p1"},
+        check=lambda a: a[1],
+    ),
+    Step(
+        "create-keyed-retry",
+        "create_pool",
+        {"name": "keyed", "cidr": "2001:db8:4::/48", "policy": SITE, "idempotency_key": "p1"},
+        check=lambda a: not a[1] and str(a[0].cidr) == "2001:db8:4::/48",
+    ),
+    Step(
+        "create-key-reused-differently",
+        "create_pool",
+        {"name": "keyed2", "cidr": "2001:db8:5::/48", "policy": SITE, "idempotency_key": "p1"},
+        expect=Kind.CONFLICT,
+    ),
+    Step(
+        "create-subresource-name",
+        "create_pool",
+        {"name": "site/usage", "parent": "site", "prefix_length": 56},
+        expect=Kind.INVALID,
     ),
     Step(
         "create-site-again",
@@ -281,6 +305,25 @@ SCENARIO: tuple[Step, ...] = (
             == ["pool.created", "allocation.created", "allocation.created"]
         ),
     ),
+    Step(
+        "history-of-a-prefix",
+        "history",
+        {"prefix": "2001:db8:0:100::/56"},
+        check=lambda page: (
+            [(c.kind, c.owner) for c in page.items]
+            == [
+                ("pool.created", None),  # the site's own CIDR holds the prefix too
+                ("allocation.created", "node/a"),
+                ("allocation.created", "node/d"),
+                ("allocation.created", "node/k"),
+                ("allocation.created", "node/m1"),
+                ("allocation.created", "node/m2"),
+                ("allocation.created", "node/m3"),
+                ("allocation.released", "node/a"),
+            ]
+        ),
+    ),
+    Step("history-bad-prefix", "history", {"prefix": "nonsense"}, expect=Kind.INVALID),
     Step(
         "watch-unknown-revision",
         "watch",

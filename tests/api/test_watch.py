@@ -84,7 +84,7 @@ async def test_a_later_commit_waits_for_an_earlier_transaction(
 ) -> None:
     """A change is held back while an older transaction runs, then both come, none skipped."""
     await client.create_pool("p", cidr="fd00:9::/48", policy=POLICY)
-    pool = await client.create_pool("q", cidr="fd00:a::/48", policy=POLICY)
+    pool, _ = await client.create_pool("q", cidr="fd00:a::/48", policy=POLICY)
     stream = client.watch(since_revision=pool.revision, reconnect=False)
     conn = await asyncpg.connect(dsn)
     try:

@@ -151,6 +151,30 @@ async def test_root_pools_cannot_overlap(conn: asyncpg.Connection) -> None:
         )
 
 
+@pytest.mark.parametrize("name", ["eu2/usage", "eu2/a/allocations", "available"])
+async def test_pool_names_never_end_in_a_rest_subresource(
+    conn: asyncpg.Connection, name: str
+) -> None:
+    """A name REST could not address (its last segment is a sub-resource) is refused."""
+    with pytest.raises(asyncpg.exceptions.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO pools (space_id, name, cidr, role, policy, revision)"
+            " VALUES (1, $1, 'fd12:3457::/48', 'container', '{}', 2)",
+            name,
+        )
+
+
+async def test_pool_idempotency_keys_are_unique(conn: asyncpg.Connection) -> None:
+    """Two pools cannot share an idempotency key."""
+    insert_pool = (
+        "INSERT INTO pools (space_id, name, cidr, role, policy, revision, idempotency_key)"
+        " VALUES (1, $1, $2, 'container', '{}', 2, 'key')"
+    )
+    await conn.execute(insert_pool, "a", "fd12:3457::/48")
+    with pytest.raises(asyncpg.exceptions.UniqueViolationError):
+        await conn.execute(insert_pool, "b", "fd12:3458::/48")
+
+
 async def test_address_queries_use_the_prefix_index(conn: asyncpg.Connection) -> None:
     """Containing-address and inside-prefix queries are index scans, in partitions and the log."""
     await conn.execute("SET enable_seqscan = off")

@@ -39,11 +39,11 @@ async def site(kipam: Kipam, **policy: object) -> None:
 
 async def test_create_get_list_pools(kipam: Kipam) -> None:
     """Root and child pools are created, read back and listed with filters."""
-    pool = await kipam.create_pool("eu1", cidr=SITE, labels={"site": "eu1"})
+    pool, _ = await kipam.create_pool("eu1", cidr=SITE, labels={"site": "eu1"})
     assert str(pool.cidr) == SITE
     assert pool.parent is None
     assert pool.space == "default"
-    child = await kipam.create_pool(
+    child, _ = await kipam.create_pool(
         "eu1-prod/pod", parent="eu1", prefix_length=52, role="pod", policy=NOW_Q
     )
     assert str(child.cidr) == "fd12:3456:789a::/52"
@@ -95,7 +95,7 @@ async def test_create_pool_refuses_bad_input(
 
 async def test_documentation_ranges_need_opt_in(kipam: Kipam) -> None:
     """A root pool in 2001:db8::/32 is accepted when its policy opts in."""
-    pool = await kipam.create_pool(
+    pool, _ = await kipam.create_pool(
         "docs", cidr="2001:db8::/32", policy=PoolPolicy(allow_documentation=True)
     )
     assert str(pool.cidr) == "2001:db8::/32"
@@ -108,7 +108,7 @@ async def test_root_pools_of_a_space_never_overlap(kipam: Kipam) -> None:
         await kipam.create_pool("b", cidr="fd12:3456::/32")
     with pytest.raises(AlreadyExistsError, match="name"):
         await kipam.create_pool("a", cidr="fd99::/48")
-    other = await kipam.create_pool("b", cidr="fd12:3456::/32", space="lab")
+    other, _ = await kipam.create_pool("b", cidr="fd12:3456::/32", space="lab")
     assert other.space == "lab"
 
 
@@ -197,7 +197,7 @@ async def test_release_without_quarantine_is_immediate(kipam: Kipam) -> None:
 async def test_child_pool_lifecycle(kipam: Kipam) -> None:
     """A child pool cannot be deleted while it holds prefixes; afterwards its CIDR is freed."""
     await site(kipam)
-    child = await kipam.create_pool("c1/pod", parent="eu1", prefix_length=56, policy=NOW_Q)
+    child, _ = await kipam.create_pool("c1/pod", parent="eu1", prefix_length=56, policy=NOW_Q)
     held, _ = await kipam.allocate("c1/pod", owner="node/w1", length=64)
     assert child.cidr.contains(held.prefix)
     [parent_alloc] = (await kipam.list_allocations(pool="eu1")).items
@@ -210,7 +210,7 @@ async def test_child_pool_lifecycle(kipam: Kipam) -> None:
     with pytest.raises(PoolNotFoundError):
         await kipam.get_pool("c1/pod")
     assert (await kipam.get_allocation(parent_alloc.id)).state == "released"
-    again = await kipam.create_pool("c1/pod", parent="eu1", prefix_length=56)
+    again, _ = await kipam.create_pool("c1/pod", parent="eu1", prefix_length=56)
     assert again.cidr == child.cidr
     with pytest.raises(PreconditionFailedError, match="still holds"):
         await kipam.delete_pool("eu1")
@@ -219,7 +219,7 @@ async def test_child_pool_lifecycle(kipam: Kipam) -> None:
 async def test_lookup_now_and_in_the_past(kipam: Kipam) -> None:
     """Lookup answers who holds an address now, and who held it at a past time."""
     await site(kipam)
-    child = await kipam.create_pool("c1/node", parent="eu1", prefix_length=56, policy=NOW_Q)
+    child, _ = await kipam.create_pool("c1/node", parent="eu1", prefix_length=56, policy=NOW_Q)
     held, _ = await kipam.allocate("c1/node", owner="node/w1", length=64)
     address = str(held.prefix.to_network().network_address + 9)
     found = await kipam.lookup(address)

@@ -69,6 +69,11 @@ class AllocationServiceStub:
                 request_serializer=kipam_dot_v1_dot_allocation__pb2.LookupAddressRequest.SerializeToString,
                 response_deserializer=kipam_dot_v1_dot_allocation__pb2.LookupAddressResponse.FromString,
                 _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/kipam.v1.AllocationService/ListChanges',
+                request_serializer=kipam_dot_v1_dot_allocation__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_allocation__pb2.ListChangesResponse.FromString,
+                _registered_method=True)
         self.WatchAllocations = channel.unary_stream(
                 '/kipam.v1.AllocationService/WatchAllocations',
                 request_serializer=kipam_dot_v1_dot_allocation__pb2.WatchAllocationsRequest.SerializeToString,
@@ -129,6 +134,14 @@ class AllocationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListChanges(self, request, context):
+        """Lists the history: changes touching a prefix (overlapping it) and/or in a pool, oldest
+        first, one page at a time. For "who held this address last Tuesday", see LookupAddress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchAllocations(self, request, context):
         """Streams every change from a point in the history, then live, until the caller cancels.
 
@@ -174,6 +187,11 @@ def add_AllocationServiceServicer_to_server(servicer, server):
                     servicer.LookupAddress,
                     request_deserializer=kipam_dot_v1_dot_allocation__pb2.LookupAddressRequest.FromString,
                     response_serializer=kipam_dot_v1_dot_allocation__pb2.LookupAddressResponse.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=kipam_dot_v1_dot_allocation__pb2.ListChangesRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_allocation__pb2.ListChangesResponse.SerializeToString,
             ),
             'WatchAllocations': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAllocations,
@@ -348,6 +366,33 @@ class AllocationService:
             '/kipam.v1.AllocationService/LookupAddress',
             kipam_dot_v1_dot_allocation__pb2.LookupAddressRequest.SerializeToString,
             kipam_dot_v1_dot_allocation__pb2.LookupAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.AllocationService/ListChanges',
+            kipam_dot_v1_dot_allocation__pb2.ListChangesRequest.SerializeToString,
+            kipam_dot_v1_dot_allocation__pb2.ListChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class AllocationServiceStub:
     """Lists allocations, oldest first, filtered, one page at a time."""
     LookupAddress: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.LookupAddressRequest, _allocation_pb2.LookupAddressResponse]
     """Returns the allocations holding an address now, or at a past time, innermost first."""
+    ListChanges: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.ListChangesRequest, _allocation_pb2.ListChangesResponse]
+    """Lists the history: changes touching a prefix (overlapping it) and/or in a pool, oldest
+    first, one page at a time. For "who held this address last Tuesday", see LookupAddress.
+    """
     WatchAllocations: _grpc.UnaryStreamMultiCallable[_allocation_pb2.WatchAllocationsRequest, _allocation_pb2.WatchAllocationsResponse]
     """Streams every change from a point in the history, then live, until the caller cancels.
 
@@ -92,6 +96,10 @@ class AllocationServiceAsyncStub(AllocationServiceStub):
     """Lists allocations, oldest first, filtered, one page at a time."""
     LookupAddress: _aio.UnaryUnaryMultiCallable[_allocation_pb2.LookupAddressRequest, _allocation_pb2.LookupAddressResponse]  # type: ignore[assignment]
     """Returns the allocations holding an address now, or at a past time, innermost first."""
+    ListChanges: _aio.UnaryUnaryMultiCallable[_allocation_pb2.ListChangesRequest, _allocation_pb2.ListChangesResponse]  # type: ignore[assignment]
+    """Lists the history: changes touching a prefix (overlapping it) and/or in a pool, oldest
+    first, one page at a time. For "who held this address last Tuesday", see LookupAddress.
+    """
     WatchAllocations: _aio.UnaryStreamMultiCallable[_allocation_pb2.WatchAllocationsRequest, _allocation_pb2.WatchAllocationsResponse]  # type: ignore[assignment]
     """Streams every change from a point in the history, then live, until the caller cancels.
 
@@ -162,6 +170,16 @@ class AllocationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_allocation_pb2.LookupAddressResponse, _abc.Awaitable[_allocation_pb2.LookupAddressResponse]]:
         """Returns the allocations holding an address now, or at a past time, innermost first."""
+
+    @_abc_1.abstractmethod
+    def ListChanges(
+        self,
+        request: _allocation_pb2.ListChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocation_pb2.ListChangesResponse, _abc.Awaitable[_allocation_pb2.ListChangesResponse]]:
+        """Lists the history: changes touching a prefix (overlapping it) and/or in a pool, oldest
+        first, one page at a time. For "who held this address last Tuesday", see LookupAddress.
+        """
 
     @_abc_1.abstractmethod
     def WatchAllocations(

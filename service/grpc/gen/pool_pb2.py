@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kipam/v1/pool.proto\x12\x08kipam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x02\n\nPoolPolicy\x12\x1b\n\x0e\x64\x65\x66\x61ult_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0e\x61lignment_bits\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12$\n\x08strategy\x18\x05 \x01(\x0e\x32\x12.kipam.v1.Strategy\x12\x10\n\x08reserved\x18\x06 \x03(\t\x12\x17\n\x0freserve_anycast\x18\x07 \x01(\x08\x12\x1f\n\x12quarantine_seconds\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1b\n\x13\x61llow_documentation\x18\t \x01(\x08\x42\x11\n\x0f_default_lengthB\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\x11\n\x0f_alignment_bitsB\x15\n\x13_quarantine_seconds\"\xba\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\r\n\x05space\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12$\n\x06policy\x18\x06 \x01(\x0b\x32\x14.kipam.v1.PoolPolicy\x12*\n\x06labels\x18\x07 \x03(\x0b\x32\x1a.kipam.v1.Pool.LabelsEntry\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x12\x10\n\x08revision\x18\t \x01(\x03\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\tPoolUsage\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\t\x12\x11\n\tallocated\x18\x04 \x01(\t\x12\x10\n\x08reserved\x18\x05 \x01(\t\x12\x0c\n\x04\x66ree\x18\x06 \x01(\t\x12\x13\n\x0b\x61llocations\x18\x07 \x01(\x03\x12\x13\n\x0bquarantined\x18\x08 \x01(\x03\x12\x13\n\x06length\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x66ree_blocks\x18\n \x01(\t\x12\x14\n\x0clargest_free\x18\x0b \x01(\t\x12\x15\n\rfragmentation\x18\x0c \x01(\x01\x12\x13\n\x0butilization\x18\r \x01(\x01\x42\t\n\x07_length\"\xac\x02\n\x11\x43reatePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x1a\n\rprefix_length\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\r\n\x05space\x18\x06 \x01(\t\x12$\n\x06policy\x18\x07 \x01(\x0b\x32\x14.kipam.v1.PoolPolicy\x12\x37\n\x06labels\x18\x08 \x03(\x0b\x32\'.kipam.v1.CreatePoolRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_prefix_length\"2\n\x12\x43reatePoolResponse\x12\x1c\n\x04pool\x18\x01 \x01(\x0b\x32\x0e.kipam.v1.Pool\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fGetPoolResponse\x12\x1c\n\x04pool\x18\x01 \x01(\x0b\x32\x0e.kipam.v1.Pool\"\xa2\x01\n\x10ListPoolsRequest\x12\r\n\x05space\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x11ListPoolsResponse\x12\x1d\n\x05pools\x18\x01 \x03(\x0b\x32\x0e.kipam.v1.Pool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65letePoolResponse\"C\n\x13GetPoolUsageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\t\n\x07_length\":\n\x14GetPoolUsageResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.kipam.v1.PoolUsage\"[\n\x1cListAvailablePrefixesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05limit\x18\x03 \x01(\x05\x42\t\n\x07_length\"1\n\x1dListAvailablePrefixesResponse\x12\x10\n\x08prefixes\x18\x01 \x03(\t*\xa9\x01\n\x08PoolRole\x12\x19\n\x15POOL_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_ROLE_CONTAINER\x10\x01\x12\x12\n\x0ePOOL_ROLE_NODE\x10\x02\x12\x11\n\rPOOL_ROLE_POD\x10\x03\x12\x15\n\x11POOL_ROLE_SERVICE\x10\x04\x12\x15\n\x11POOL_ROLE_INGRESS\x10\x05\x12\x14\n\x10POOL_ROLE_EGRESS\x10\x06*P\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_LOWEST\x10\x01\x12\x15\n\x11STRATEGY_BEST_FIT\x10\x02\x32\xde\x03\n\x0bPoolService\x12G\n\nCreatePool\x12\x1b.kipam.v1.CreatePoolRequest\x1a\x1c.kipam.v1.CreatePoolResponse\x12>\n\x07GetPool\x12\x18.kipam.v1.GetPoolRequest\x1a\x19.kipam.v1.GetPoolResponse\x12\x44\n\tListPools\x12\x1a.kipam.v1.ListPoolsRequest\x1a\x1b.kipam.v1.ListPoolsResponse\x12G\n\nDeletePool\x12\x1b.kipam.v1.DeletePoolRequest\x1a\x1c.kipam.v1.DeletePoolResponse\x12M\n\x0cGetPoolUsage\x12\x1d.kipam.v1.GetPoolUsageRequest\x1a\x1e.kipam.v1.GetPoolUsageResponse\x12h\n\x15ListAvailablePrefixes\x12&.kipam.v1.ListAvailablePrefixesRequest\x1a\'.kipam.v1.ListAvailablePrefixesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kipam/v1/pool.proto\x12\x08kipam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x02\n\nPoolPolicy\x12\x1b\n\x0e\x64\x65\x66\x61ult_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0e\x61lignment_bits\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12$\n\x08strategy\x18\x05 \x01(\x0e\x32\x12.kipam.v1.Strategy\x12\x10\n\x08reserved\x18\x06 \x03(\t\x12\x17\n\x0freserve_anycast\x18\x07 \x01(\x08\x12\x1f\n\x12quarantine_seconds\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1b\n\x13\x61llow_documentation\x18\t \x01(\x08\x42\x11\n\x0f_default_lengthB\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\x11\n\x0f_alignment_bitsB\x15\n\x13_quarantine_seconds\"\xba\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\r\n\x05space\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12$\n\x06policy\x18\x06 \x01(\x0b\x32\x14.kipam.v1.PoolPolicy\x12*\n\x06labels\x18\x07 \x03(\x0b\x32\x1a.kipam.v1.Pool.LabelsEntry\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x12\x10\n\x08revision\x18\t \x01(\x03\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\tPoolUsage\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\t\x12\x11\n\tallocated\x18\x04 \x01(\t\x12\x10\n\x08reserved\x18\x05 \x01(\t\x12\x0c\n\x04\x66ree\x18\x06 \x01(\t\x12\x13\n\x0b\x61llocations\x18\x07 \x01(\x03\x12\x13\n\x0bquarantined\x18\x08 \x01(\x03\x12\x13\n\x06length\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x66ree_blocks\x18\n \x01(\t\x12\x14\n\x0clargest_free\x18\x0b \x01(\t\x12\x15\n\rfragmentation\x18\x0c \x01(\x01\x12\x13\n\x0butilization\x18\r \x01(\x01\x42\t\n\x07_length\"\xc5\x02\n\x11\x43reatePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x1a\n\rprefix_length\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\r\n\x05space\x18\x06 \x01(\t\x12$\n\x06policy\x18\x07 \x01(\x0b\x32\x14.kipam.v1.PoolPolicy\x12\x37\n\x06labels\x18\x08 \x03(\x0b\x32\'.kipam.v1.CreatePoolRequest.LabelsEntry\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_prefix_length\"C\n\x12\x43reatePoolResponse\x12\x1c\n\x04pool\x18\x01 \x01(\x0b\x32\x0e.kipam.v1.Pool\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fGetPoolResponse\x12\x1c\n\x04pool\x18\x01 \x01(\x0b\x32\x0e.kipam.v1.Pool\"\xa2\x01\n\x10ListPoolsRequest\x12\r\n\x05space\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.kipam.v1.PoolRole\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x11ListPoolsResponse\x12\x1d\n\x05pools\x18\x01 \x03(\x0b\x32\x0e.kipam.v1.Pool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65letePoolResponse\"C\n\x13GetPoolUsageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\t\n\x07_length\":\n\x14GetPoolUsageResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.kipam.v1.PoolUsage\"[\n\x1cListAvailablePrefixesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05limit\x18\x03 \x01(\x05\x42\t\n\x07_length\"1\n\x1dListAvailablePrefixesResponse\x12\x10\n\x08prefixes\x18\x01 \x03(\t*\xa9\x01\n\x08PoolRole\x12\x19\n\x15POOL_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_ROLE_CONTAINER\x10\x01\x12\x12\n\x0ePOOL_ROLE_NODE\x10\x02\x12\x11\n\rPOOL_ROLE_POD\x10\x03\x12\x15\n\x11POOL_ROLE_SERVICE\x10\x04\x12\x15\n\x11POOL_ROLE_INGRESS\x10\x05\x12\x14\n\x10POOL_ROLE_EGRESS\x10\x06*P\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_LOWEST\x10\x01\x12\x15\n\x11STRATEGY_BEST_FIT\x10\x02\x32\xde\x03\n\x0bPoolService\x12G\n\nCreatePool\x12\x1b.kipam.v1.CreatePoolRequest\x1a\x1c.kipam.v1.CreatePoolResponse\x12>\n\x07GetPool\x12\x18.kipam.v1.GetPoolRequest\x1a\x19.kipam.v1.GetPoolResponse\x12\x44\n\tListPools\x12\x1a.kipam.v1.ListPoolsRequest\x1a\x1b.kipam.v1.ListPoolsResponse\x12G\n\nDeletePool\x12\x1b.kipam.v1.DeletePoolRequest\x1a\x1c.kipam.v1.DeletePoolResponse\x12M\n\x0cGetPoolUsage\x12\x1d.kipam.v1.GetPoolUsageRequest\x1a\x1e.kipam.v1.GetPoolUsageResponse\x12h\n\x15ListAvailablePrefixes\x12&.kipam.v1.ListAvailablePrefixesRequest\x1a\'.kipam.v1.ListAvailablePrefixesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POOL_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEPOOLREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEPOOLREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_POOLROLE']._serialized_start=2018
-  _globals['_POOLROLE']._serialized_end=2187
-  _globals['_STRATEGY']._serialized_start=2189
-  _globals['_STRATEGY']._serialized_end=2269
+  _globals['_POOLROLE']._serialized_start=2060
+  _globals['_POOLROLE']._serialized_end=2229
+  _globals['_STRATEGY']._serialized_start=2231
+  _globals['_STRATEGY']._serialized_end=2311
   _globals['_POOLPOLICY']._serialized_start=67
   _globals['_POOLPOLICY']._serialized_end=421
   _globals['_POOL']._serialized_start=424
@@ -49,31 +49,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POOLUSAGE']._serialized_start=741
   _globals['_POOLUSAGE']._serialized_end=1007
   _globals['_CREATEPOOLREQUEST']._serialized_start=1010
-  _globals['_CREATEPOOLREQUEST']._serialized_end=1310
+  _globals['_CREATEPOOLREQUEST']._serialized_end=1335
   _globals['_CREATEPOOLREQUEST_LABELSENTRY']._serialized_start=693
   _globals['_CREATEPOOLREQUEST_LABELSENTRY']._serialized_end=738
-  _globals['_CREATEPOOLRESPONSE']._serialized_start=1312
-  _globals['_CREATEPOOLRESPONSE']._serialized_end=1362
-  _globals['_GETPOOLREQUEST']._serialized_start=1364
-  _globals['_GETPOOLREQUEST']._serialized_end=1394
-  _globals['_GETPOOLRESPONSE']._serialized_start=1396
-  _globals['_GETPOOLRESPONSE']._serialized_end=1443
-  _globals['_LISTPOOLSREQUEST']._serialized_start=1446
-  _globals['_LISTPOOLSREQUEST']._serialized_end=1608
-  _globals['_LISTPOOLSRESPONSE']._serialized_start=1610
-  _globals['_LISTPOOLSRESPONSE']._serialized_end=1685
-  _globals['_DELETEPOOLREQUEST']._serialized_start=1687
-  _globals['_DELETEPOOLREQUEST']._serialized_end=1720
-  _globals['_DELETEPOOLRESPONSE']._serialized_start=1722
-  _globals['_DELETEPOOLRESPONSE']._serialized_end=1742
-  _globals['_GETPOOLUSAGEREQUEST']._serialized_start=1744
-  _globals['_GETPOOLUSAGEREQUEST']._serialized_end=1811
-  _globals['_GETPOOLUSAGERESPONSE']._serialized_start=1813
-  _globals['_GETPOOLUSAGERESPONSE']._serialized_end=1871
-  _globals['_LISTAVAILABLEPREFIXESREQUEST']._serialized_start=1873
-  _globals['_LISTAVAILABLEPREFIXESREQUEST']._serialized_end=1964
-  _globals['_LISTAVAILABLEPREFIXESRESPONSE']._serialized_start=1966
-  _globals['_LISTAVAILABLEPREFIXESRESPONSE']._serialized_end=2015
-  _globals['_POOLSERVICE']._serialized_start=2272
-  _globals['_POOLSERVICE']._serialized_end=2750
+  _globals['_CREATEPOOLRESPONSE']._serialized_start=1337
+  _globals['_CREATEPOOLRESPONSE']._serialized_end=1404
+  _globals['_GETPOOLREQUEST']._serialized_start=1406
+  _globals['_GETPOOLREQUEST']._serialized_end=1436
+  _globals['_GETPOOLRESPONSE']._serialized_start=1438
+  _globals['_GETPOOLRESPONSE']._serialized_end=1485
+  _globals['_LISTPOOLSREQUEST']._serialized_start=1488
+  _globals['_LISTPOOLSREQUEST']._serialized_end=1650
+  _globals['_LISTPOOLSRESPONSE']._serialized_start=1652
+  _globals['_LISTPOOLSRESPONSE']._serialized_end=1727
+  _globals['_DELETEPOOLREQUEST']._serialized_start=1729
+  _globals['_DELETEPOOLREQUEST']._serialized_end=1762
+  _globals['_DELETEPOOLRESPONSE']._serialized_start=1764
+  _globals['_DELETEPOOLRESPONSE']._serialized_end=1784
+  _globals['_GETPOOLUSAGEREQUEST']._serialized_start=1786
+  _globals['_GETPOOLUSAGEREQUEST']._serialized_end=1853
+  _globals['_GETPOOLUSAGERESPONSE']._serialized_start=1855
+  _globals['_GETPOOLUSAGERESPONSE']._serialized_end=1913
+  _globals['_LISTAVAILABLEPREFIXESREQUEST']._serialized_start=1915
+  _globals['_LISTAVAILABLEPREFIXESREQUEST']._serialized_end=2006
+  _globals['_LISTAVAILABLEPREFIXESRESPONSE']._serialized_start=2008
+  _globals['_LISTAVAILABLEPREFIXESRESPONSE']._serialized_end=2057
+  _globals['_POOLSERVICE']._serialized_start=2314
+  _globals['_POOLSERVICE']._serialized_end=2792
 # @@protoc_insertion_point(module_scope)

@@ -355,6 +355,7 @@ class CreatePoolRequest(_message.Message):
     SPACE_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The new pool's name: lower-case path segments joined by `/`, at most 253 characters."""
     cidr: _builtins.str
@@ -367,6 +368,8 @@ class CreatePoolRequest(_message.Message):
     """What the pool is for; unset means container."""
     space: _builtins.str
     """The address space; empty means `default` (a child pool lives in its parent's)."""
+    idempotency_key: _builtins.str
+    """Makes retries safe: the same key returns the pool it created (created=false)."""
     @_builtins.property
     def policy(self) -> Global___PoolPolicy:
         """The pool's rules."""
@@ -386,10 +389,11 @@ class CreatePoolRequest(_message.Message):
         space: _builtins.str = ...,
         policy: Global___PoolPolicy | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_length", b"_prefix_length", "policy", b"policy", "prefix_length", b"prefix_length"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_length", b"_prefix_length", "cidr", b"cidr", "labels", b"labels", "name", b"name", "parent", b"parent", "policy", b"policy", "prefix_length", b"prefix_length", "role", b"role", "space", b"space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_length", b"_prefix_length", "cidr", b"cidr", "idempotency_key", b"idempotency_key", "labels", b"labels", "name", b"name", "parent", b"parent", "policy", b"policy", "prefix_length", b"prefix_length", "role", b"role", "space", b"space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prefix_length: _TypeAlias = _typing.Literal["prefix_length"]  # noqa: Y015
     _WhichOneofArgType__prefix_length: _TypeAlias = _typing.Literal["_prefix_length", b"_prefix_length"]  # noqa: Y015
@@ -404,6 +408,9 @@ class CreatePoolResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when an idempotency key replayed an earlier create."""
     @_builtins.property
     def pool(self) -> Global___Pool:
         """The new pool."""
@@ -412,10 +419,11 @@ class CreatePoolResponse(_message.Message):
         self,
         *,
         pool: Global___Pool | None = ...,
+        created: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,7 +86,8 @@ class PoolServiceServicer:
     def CreatePool(self, request, context):
         """Creates a root pool (cidr) or a child pool carved from its parent (parent plus
         prefix_length, or parent plus an exact cidr). A child pool's CIDR is an allocation in
-        its parent.
+        its parent. A name's last segment may not be `allocations`, `available` or `usage`
+        (REST paths put those after a pool's name).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

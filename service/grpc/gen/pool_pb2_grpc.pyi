@@ -45,7 +45,8 @@ class PoolServiceStub:
     CreatePool: _grpc.UnaryUnaryMultiCallable[_pool_pb2.CreatePoolRequest, _pool_pb2.CreatePoolResponse]
     """Creates a root pool (cidr) or a child pool carved from its parent (parent plus
     prefix_length, or parent plus an exact cidr). A child pool's CIDR is an allocation in
-    its parent.
+    its parent. A name's last segment may not be `allocations`, `available` or `usage`
+    (REST paths put those after a pool's name).
     """
     GetPool: _grpc.UnaryUnaryMultiCallable[_pool_pb2.GetPoolRequest, _pool_pb2.GetPoolResponse]
     """Returns one live pool by name."""
@@ -75,7 +76,8 @@ class PoolServiceAsyncStub(PoolServiceStub):
     CreatePool: _aio.UnaryUnaryMultiCallable[_pool_pb2.CreatePoolRequest, _pool_pb2.CreatePoolResponse]  # type: ignore[assignment]
     """Creates a root pool (cidr) or a child pool carved from its parent (parent plus
     prefix_length, or parent plus an exact cidr). A child pool's CIDR is an allocation in
-    its parent.
+    its parent. A name's last segment may not be `allocations`, `available` or `usage`
+    (REST paths put those after a pool's name).
     """
     GetPool: _aio.UnaryUnaryMultiCallable[_pool_pb2.GetPoolRequest, _pool_pb2.GetPoolResponse]  # type: ignore[assignment]
     """Returns one live pool by name."""
@@ -108,7 +110,8 @@ class PoolServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_pool_pb2.CreatePoolResponse, _abc.Awaitable[_pool_pb2.CreatePoolResponse]]:
         """Creates a root pool (cidr) or a child pool carved from its parent (parent plus
         prefix_length, or parent plus an exact cidr). A child pool's CIDR is an allocation in
-        its parent.
+        its parent. A name's last segment may not be `allocations`, `available` or `usage`
+        (REST paths put those after a pool's name).
         """
 
     @_abc_1.abstractmethod
