@@ -215,6 +215,19 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _reset_if_needed(conn: asyncpg.Connection) -> None:
+    """Reset a connection going back to the pool only if it is inside a transaction.
+
+    asyncpg's default reset costs a round trip on every release (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL): a fifth of a single allocation's. kipam leaves no session state
+    behind: settings are startup parameters, advisory locks are transaction-scoped (the
+    migration lock is released in a ``finally``), no LISTEN, no cursors. A connection still
+    in a transaction (an interrupted caller) gets the full reset, which rolls it back.
+    """
+    if conn.is_in_transaction():
+        await conn.reset()
+
+
 class Database:
     """The asyncpg connection pool, with errors translated at the boundary."""
 
@@ -235,6 +248,7 @@ class Database:
                 min_size=settings.db_pool_min,
                 max_size=settings.db_pool_max,
                 init=_init_connection,
+                reset=_reset_if_needed,
                 timeout=settings.statement_timeout_s,
                 command_timeout=settings.statement_timeout_s,
                 server_settings={

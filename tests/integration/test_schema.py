@@ -12,11 +12,12 @@ import asyncpg
 import pytest
 
 from service.migrate import available, migrate, status
+from service.store import Database
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from service.store import Database
+    from service.config import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -261,3 +262,24 @@ async def test_an_edited_migration_is_refused(empty_database: str) -> None:
             await migrate(conn)
     finally:
         await conn.close()
+
+
+async def test_a_connection_left_in_a_transaction_is_rolled_back_on_release(
+    settings: Settings, dsn: str
+) -> None:
+    """The pool's cheap reset still rolls back a connection released inside a transaction."""
+    database = await Database.open(dsn, type(settings)(**{**settings.__dict__, "db_pool_max": 1}))
+    try:
+
+        async def interrupted() -> None:
+            async with database.connection() as conn:
+                await conn.execute("BEGIN; CREATE TEMP TABLE left_behind (x int)")
+                raise RuntimeError
+
+        with pytest.raises(RuntimeError):
+            await interrupted()
+        async with database.connection() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_behind')") is None
+    finally:
+        await database.close()
