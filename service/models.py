@@ -7,10 +7,11 @@ JSON shapes"); the adapters convert them to protobuf messages and JSON without r
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
-from engine import Policy, Prefix, Strategy
+from engine import EngineError, Policy, Prefix, Strategy, parse_address, parse_prefix
 from service.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -29,9 +30,12 @@ __all__ = [
     "PoolPolicy",
     "PoolUsage",
     "RequestContext",
+    "canonical_address",
     "check_labels",
     "check_owner",
     "check_pool_name",
+    "to_address",
+    "to_prefix",
 ]
 
 Role = Literal["container", "node", "pod", "service", "ingress", "egress"]
@@ -50,6 +54,8 @@ _LABEL_KEY: Final = re.compile(
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
 _LABEL_VALUE: Final = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_REQUEST_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
 MAX_LABELS: Final = 64
 # What REST paths put after a pool's name (/v1/pools/{name}/usage): never a name's last segment.
 SUBRESOURCES: Final = ("allocations", "available", "usage")
@@ -76,6 +82,41 @@ def check_pool_name(name: object, field_name: str = "name") -> str:
             field=field_name,
         )
     return name
+
+
+def to_prefix(value: str | Prefix, field_name: str) -> Prefix:
+    """A prefix from request text, strictly (:func:`engine.parse_prefix`).
+
+    Raises:
+        InvalidRequestError: not a usable prefix; the error names ``field_name``.
+    """
+    if isinstance(value, Prefix):
+        return value
+    try:
+        return parse_prefix(value)
+    except EngineError as exc:
+        raise InvalidRequestError(exc.message, field=field_name) from exc
+
+
+def to_address(value: str) -> Prefix:
+    """An address from request text, as a host prefix (/32 or /128).
+
+    Raises:
+        InvalidRequestError: not an address (field ``address``).
+    """
+    try:
+        return parse_address(value)
+    except EngineError as exc:
+        raise InvalidRequestError(exc.message, field="address") from exc
+
+
+def canonical_address(text: str) -> str:
+    """An address in canonical form (RFC 5952 for IPv6).
+
+    Raises:
+        InvalidRequestError: not an address (field ``address``).
+    """
+    return str(to_address(text).to_network().network_address)
 
 
 def check_owner(owner: object) -> str:
@@ -291,3 +332,20 @@ class RequestContext:
     actor: str = "anonymous"
     request_id: str | None = None
     trace_id: str | None = None
+
+    @classmethod
+    def from_headers(
+        cls, request_id: str | None, traceparent: str | None, *, actor: str = "anonymous"
+    ) -> RequestContext:
+        """From a call's ``x-request-id`` and W3C ``traceparent`` (HTTP header or gRPC metadata).
+
+        The request id is kept when it is 1-128 printable ASCII characters, else one is made;
+        the trace id is taken from a well-formed traceparent (never the all-zero id).
+        """
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        trace_id = None
+        match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+        if match and match.group(1) != "0" * 32:
+            trace_id = match.group(1)
+        return cls(actor=actor, request_id=request_id, trace_id=trace_id)

@@ -37,10 +37,9 @@ from engine import (
     EngineError,
     PoolAllocator,
     Prefix,
-    parse_address,
-    parse_prefix,
 )
 from engine.cluster import check_special_purpose
+from engine.errors import InvalidError
 from service.errors import (
     AllocationNotFoundError,
     AlreadyExistsError,
@@ -64,6 +63,8 @@ from service.models import (
     check_labels,
     check_owner,
     check_pool_name,
+    to_address,
+    to_prefix,
 )
 from service.store import (
     ALLOCATION_COLUMNS,
@@ -863,7 +864,7 @@ class Kipam:
             )
         policy = policy or PoolPolicy()
         labels = check_labels(labels or {})
-        prefix = _to_prefix(cidr, "cidr") if cidr is not None else None
+        prefix = to_prefix(cidr, "cidr") if cidr is not None else None
         if parent is None:
             if prefix is None:
                 raise InvalidRequestError("A root pool needs a cidr.", field="cidr")
@@ -1187,6 +1188,8 @@ class Kipam:
             if self._pools.pop(pool, None) is None:
                 raise
             return await self._allocate(pool, requests, dry_run=dry_run, ctx=ctx)
+        except InvalidError as exc:  # the engine refused a request: name its field
+            raise InvalidRequestError(exc.message, field=_field_of(exc, requests)) from exc
         return [
             (_preview(target, request, item), created)
             for request, (item, created) in zip(requests, answers, strict=True)
@@ -1299,7 +1302,7 @@ class Kipam:
         An allocation holds its prefix from creation until it is released; quarantine and
         release are both the end of the holding.
         """
-        ip = _to_address(address)
+        ip = to_address(address)
         if at is None:
             rows = await self.db.fetch(
                 f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
@@ -1374,7 +1377,7 @@ class Kipam:
         args: list[object] = []
         where: list[str] = []
         if prefix is not None:
-            args.append(_to_prefix(prefix, "prefix"))
+            args.append(to_prefix(prefix, "prefix"))
             where.append(f"c.prefix && ${len(args)}::cidr")
         if pool is not None:
             args.append(check_pool_name(pool, "pool"))
@@ -1418,20 +1421,11 @@ class Kipam:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _to_prefix(value: str | Prefix, field_name: str) -> Prefix:
-    if isinstance(value, Prefix):
-        return value
-    try:
-        return parse_prefix(value)
-    except EngineError as exc:
-        raise InvalidRequestError(exc.message, field=field_name) from exc
-
-
-def _to_address(value: str) -> Prefix:
-    try:
-        return parse_address(value)
-    except EngineError as exc:
-        raise InvalidRequestError(exc.message, field="address") from exc
+def _field_of(error: EngineError, requests: Sequence[AllocationRequest]) -> str:
+    """The request field an engine error is about (``requests[i].`` in a batch)."""
+    index = error.batch_index or 0
+    name = "prefix" if requests[index].prefix is not None else "prefix_length"
+    return f"requests[{index}].{name}" if len(requests) > 1 else name
 
 
 def _check_key(idempotency_key: str) -> None:
@@ -1442,7 +1436,7 @@ def _check_key(idempotency_key: str) -> None:
 
 
 def _check_id(allocation_id: int) -> int:
-    if allocation_id < 1:
+    if not 1 <= allocation_id < 2**63:
         raise InvalidRequestError(
             f"{allocation_id!r} is not an allocation id (a positive integer).", field="id"
         )
@@ -1483,7 +1477,7 @@ def _request(
     return AllocationRequest(
         owner=check_owner(owner),
         length=length,
-        prefix=_to_prefix(prefix, "prefix") if prefix is not None else None,
+        prefix=to_prefix(prefix, "prefix") if prefix is not None else None,
         labels=check_labels(labels or {}),
         idempotency_key=idempotency_key,
     )

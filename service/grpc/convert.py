@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Final, cast
 
-from engine import EngineError, Prefix, Strategy, parse_address, parse_prefix
+from engine import Strategy, parse_prefix
 from service.errors import InvalidRequestError
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import pool_pb2 as ppb
@@ -26,6 +26,7 @@ from service.models import (
     PoolUsage,
     Role,
     State,
+    to_prefix,
 )
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = [
-    "address_text",
     "allocation_from_pb",
     "allocation_pb",
     "allocation_request",
@@ -155,25 +155,6 @@ def _big(value: int) -> str:
     return str(value)
 
 
-def _prefix(text: str, field: str) -> Prefix:
-    try:
-        return parse_prefix(text)
-    except EngineError as exc:
-        raise InvalidRequestError(exc.message, field=field) from exc
-
-
-def address_text(text: str) -> str:
-    """An address in canonical form (RFC 5952 for IPv6).
-
-    Raises:
-        InvalidRequestError: not an address.
-    """
-    try:
-        return str(parse_address(text).to_network().network_address)
-    except EngineError as exc:
-        raise InvalidRequestError(exc.message, field="address") from exc
-
-
 # -- pools ------------------------------------------------------------------------------------
 
 
@@ -199,7 +180,7 @@ def policy_from_pb(message: ppb.PoolPolicy) -> PoolPolicy:
     Raises:
         InvalidRequestError: a reserved range that is not a CIDR, an unknown strategy.
     """
-    reserved = [_prefix(text, "policy.reserved") for text in message.reserved]
+    reserved = [to_prefix(text, "policy.reserved") for text in message.reserved]
     if message.strategy == ppb.STRATEGY_UNSPECIFIED:
         strategy = Strategy.LOWEST
     else:
@@ -349,7 +330,7 @@ def allocation_request(message: apb.AllocatePrefixRequest | apb.PrefixRequest) -
     return AllocationRequest(
         owner=message.owner,
         length=message.prefix_length if target == "prefix_length" else None,
-        prefix=_prefix(message.prefix, "prefix") if target == "prefix" else None,
+        prefix=to_prefix(message.prefix, "prefix") if target == "prefix" else None,
         labels=dict(message.labels),
         idempotency_key=_text(message.idempotency_key),
     )

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import uuid
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
@@ -35,7 +33,7 @@ from service.grpc.gen import cluster_pb2 as cpb
 from service.grpc.gen import cluster_pb2_grpc as cpb_grpc
 from service.grpc.gen import pool_pb2 as ppb
 from service.grpc.gen import pool_pb2_grpc as ppb_grpc
-from service.models import AllocationRequest, RequestContext
+from service.models import AllocationRequest, RequestContext, canonical_address
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -54,27 +52,17 @@ SERVICES: Final = (
     apb.DESCRIPTOR.services_by_name["AllocationService"].full_name,
     cpb.DESCRIPTOR.services_by_name["ClusterService"].full_name,
 )
-_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_REQUEST_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
 _DEFAULT_PAGE: Final = 100
 
 
 def request_context(context: Context) -> RequestContext:
-    """Who asks and which request and trace this is, from the call's metadata.
-
-    ``x-request-id`` is kept when it is 1-128 printable characters (else one is made);
-    the trace id comes from a W3C ``traceparent``. The actor is ``anonymous`` until
-    authentication lands.
-    """
-    request_id = trace_id = None
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
-            request_id = value
-        elif key == "traceparent" and isinstance(value, str):
-            match = _TRACEPARENT.fullmatch(value.strip())
-            if match and match.group(1) != "0" * 32:
-                trace_id = match.group(1)
-    return RequestContext(request_id=request_id or uuid.uuid4().hex, trace_id=trace_id)
+    """Who asks and which request and trace this is, from the call's metadata."""
+    found = {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in {"x-request-id", "traceparent"} and isinstance(value, str)
+    }
+    return RequestContext.from_headers(found.get("x-request-id"), found.get("traceparent"))
 
 
 def _page_size(value: int) -> int:
@@ -228,7 +216,7 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
         at = convert.timestamp_from_pb(request.at) if request.HasField("at") else None
         found = await self.kipam.lookup(request.address, at=at)
         return apb.LookupAddressResponse(
-            address=convert.address_text(request.address),
+            address=canonical_address(request.address),
             allocations=[convert.allocation_pb(a) for a in found],
         )
 
@@ -326,6 +314,7 @@ class GrpcServer:
         )
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Bind and start serving; health follows the database from now on.
@@ -367,8 +356,14 @@ class GrpcServer:
         """Stop: health NOT_SERVING, end the change feeds, then let calls finish.
 
         New calls are refused at once; calls in flight get ``grace_s`` seconds, then are
-        cancelled (their writes are all or nothing, see the module docstring).
+        cancelled (their writes are all or nothing, see the module docstring). Calling it
+        again waits for the first stop.
         """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await self._stopping
+
+    async def _stop(self, grace_s: float) -> None:
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
