@@ -5,8 +5,8 @@ configured, the connection pool, migrations, the lock manager, the use cases) in
 ``async with`` and closes it in reverse order. :func:`serve` runs the HTTP server on top of
 them until SIGTERM or SIGINT.
 
-gRPC serves ``kipam.v1`` (:mod:`service.grpc`). Until the REST issue lands, HTTP serves only
-the health endpoints:
+gRPC serves ``kipam.v1`` (:mod:`service.grpc`); HTTP serves the REST API
+(:mod:`service.rest`) and the health endpoints:
 
 * ``GET /healthz``: the process is up (200, always);
 * ``GET /readyz``: the database answers, the migrations are current and which lock backend
@@ -20,17 +20,16 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvicorn
-from litestar import Litestar, get
-from litestar.response import Response
 
 from service.config import Settings, parse_listen_address
 from service.errors import PreconditionFailedError
 from service.grpc.server import GrpcServer
 from service.locks import LockManager
 from service.migrate import migrate, status
+from service.rest.app import build_http_app
 from service.store import Database
 from service.usecases import Kipam
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
     from service.embedded import EmbeddedPostgres
 
-__all__ = ["Resources", "build_http_app", "open_database", "resources", "serve"]
+__all__ = ["HttpServer", "Resources", "open_database", "resources", "serve"]
 
 _log = logging.getLogger("kipam")
 
@@ -118,41 +117,12 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
             await locks.close()
 
 
-def build_http_app(res: Resources) -> Litestar:
-    """The HTTP application over opened resources."""
-
-    @get("/healthz", sync_to_thread=False, include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @get("/readyz", include_in_schema=False)
-    async def readyz() -> Response[dict[str, Any]]:
-        database_up = await res.db.ping()
-        migrations: dict[str, object] = {"current": False}
-        if database_up:
-            try:
-                async with res.db.connection() as conn:
-                    found = await status(conn)
-                migrations = {"current": found.current, "pending": list(found.pending)}
-            except Exception:  # noqa: BLE001 - readiness reports, never raises
-                database_up = False
-        ready = database_up and bool(migrations["current"])
-        body = {
-            "status": "ready" if ready else "not ready",
-            "database": {"up": database_up, "kind": res.database},
-            "migrations": migrations,
-            "locks": res.locks.status(),
-        }
-        return Response(body, status_code=200 if ready else 503)
-
-    return Litestar(route_handlers=[healthz, readyz], openapi_config=None, logging_config=None)
-
-
-class _Server(uvicorn.Server):
+class HttpServer(uvicorn.Server):
     """uvicorn without its own signal handling: kipam shuts everything down in order."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """Leave SIGTERM and SIGINT to :func:`serve`."""
         yield
 
 
@@ -169,8 +139,6 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     host, port = parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
     async with resources(settings) as res:
-        grpc_server = GrpcServer(res, settings.grpc_addr)
-        await grpc_server.start()
         config = uvicorn.Config(
             build_http_app(res),
             host=host,
@@ -180,22 +148,36 @@ async def serve(settings: Settings) -> None:
             access_log=False,
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
         )
-        server = _Server(config)
-        task = asyncio.create_task(server.serve())
-        _log.info(
-            "kipam serving HTTP on %s and gRPC on %s (database: %s, locks: %s)",
-            settings.http_addr,
-            settings.grpc_addr,
-            res.database,
-            res.locks.backend,
-        )
-        waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:  # the server failed to start (port taken, ...)
-            waiter.cancel()
-            await grpc_server.stop(0)
-            await task
-            raise SystemExit(1)
-        _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
-        server.should_exit = True
-        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
+        grpc_server = GrpcServer(res, settings.grpc_addr)
+        await grpc_server.start()
+        try:
+            await _run_http(HttpServer(config), stop, settings, res, grpc_server)
+        finally:
+            await grpc_server.stop(settings.shutdown_grace_s)
+
+
+async def _run_http(
+    server: HttpServer,
+    stop: asyncio.Event,
+    settings: Settings,
+    res: Resources,
+    grpc_server: GrpcServer,
+) -> None:
+    """Serve HTTP until ``stop``; on stop, both servers finish their calls in flight."""
+    task = asyncio.create_task(server.serve())
+    _log.info(
+        "kipam serving HTTP on %s and gRPC on %s (database: %s, locks: %s)",
+        settings.http_addr,
+        settings.grpc_addr,
+        res.database,
+        res.locks.backend,
+    )
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:  # the server failed to start (port taken, ...)
+        waiter.cancel()
+        await task
+        raise SystemExit(1)
+    _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
+    server.should_exit = True
+    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)

@@ -77,7 +77,7 @@ def _redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.shutdown()
 
 
-@pytest.fixture(name="free_port")
+@pytest.fixture(name="free_port", scope="session")
 def _free_port() -> Callable[[], int]:
     """Gives a loopback TCP port nothing listens on right now (connections are refused)."""
 

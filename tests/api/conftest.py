@@ -7,12 +7,15 @@ import contextlib
 import inspect
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest_asyncio
+import uvicorn
 
-from service.app import Resources
+from service.app import HttpServer, Resources
 from service.client import KipamClient
 from service.grpc.server import GrpcServer
 from service.locks import LockManager
+from service.rest.app import build_http_app
 from service.usecases import Kipam
 
 if TYPE_CHECKING:
@@ -50,12 +53,43 @@ async def serving(
         await locks.close()
 
 
+@contextlib.asynccontextmanager
+async def serving_http(server: GrpcServer) -> AsyncIterator[str]:
+    """The REST API over the same replica as ``server``, on a free port; yields its URL."""
+    config = uvicorn.Config(
+        build_http_app(server.res),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    http = HttpServer(config)
+    task = asyncio.create_task(http.serve())
+    await until(lambda: http.started or task.done())
+    if task.done():
+        await task  # raises what stopped it
+    port = http.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.should_exit = True
+        await task
+
+
 @pytest_asyncio.fixture(name="server", loop_scope="session")
 async def _server(db: Database, settings: Settings, clean: None) -> AsyncIterator[GrpcServer]:
     """A gRPC server (advisory locks) on empty tables."""
     _ = clean
     async with serving(db, settings) as server:
         yield server
+
+
+@pytest_asyncio.fixture(name="http", loop_scope="session")
+async def _http(server: GrpcServer) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the REST API of ``server``'s replica."""
+    async with serving_http(server) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        yield http
 
 
 @pytest_asyncio.fixture(name="client", loop_scope="session")
