@@ -153,6 +153,27 @@ async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
             await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def migrated_database(server_dsn: str) -> AsyncIterator[str]:
+    """A migrated database of its own on the server, dropped on exit."""
+    async with fresh_database(server_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        yield dsn
+
+
+async def drop_database(server_dsn: str, dsn: str) -> None:
+    """Drop the database of ``dsn`` now, whoever is connected (a database that goes away)."""
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest_asyncio.fixture(name="session_database", scope="session", loop_scope="session")
 async def _session_database(server_dsn: str) -> AsyncIterator[str]:
     """An empty database for the whole test session."""

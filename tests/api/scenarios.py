@@ -15,7 +15,7 @@ from service.errors import Kind
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["SCENARIO", "Ref", "Step"]
+__all__ = ["SCENARIO", "Ref", "Step", "arguments"]
 
 SITE = {"default_length": 64, "quarantine_seconds": 0, "allow_documentation": True}
 TINY = {"default_length": 127, "alignment_bits": 1, "allow_documentation": True}
@@ -39,6 +39,18 @@ class Step:
     expect: Kind | None = None
     check: Callable[[Any], bool] | None = None
     grpc_only: str | None = None  # why the step has no REST twin
+
+
+def arguments(step: Step, answers: dict[str, Any]) -> dict[str, Any]:
+    """The step's arguments, each :class:`Ref` replaced by what it names."""
+
+    def value(v: Any) -> Any:
+        if not isinstance(v, Ref):
+            return v
+        answer = answers[v.step]
+        return getattr(answer[0] if isinstance(answer, tuple) else answer, v.attr)
+
+    return {k: value(v) for k, v in step.args.items()}
 
 
 def _prefix(text: str) -> Callable[[Any], bool]:

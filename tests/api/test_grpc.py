@@ -20,7 +20,7 @@ from service.grpc.gen import cluster_pb2_grpc as cpb_grpc
 from service.grpc.gen import pool_pb2 as ppb
 from service.grpc.gen import pool_pb2_grpc as ppb_grpc
 from service.models import AllocationRequest, PoolPolicy
-from tests.api.scenarios import SCENARIO, Ref, Step
+from tests.api.scenarios import SCENARIO, Step, arguments
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -32,14 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.api]
 
 
 async def _run(client: KipamClient, step: Step, answers: dict[str, Any]) -> Any:
-    args = {
-        k: getattr(
-            answers[v.step][0] if isinstance(answers[v.step], tuple) else answers[v.step], v.attr
-        )
-        if isinstance(v, Ref)
-        else v
-        for k, v in step.args.items()
-    }
+    args = arguments(step, answers)
     if "policy" in args:
         args["policy"] = PoolPolicy(**args["policy"])
     if step.op == "allocate_many":

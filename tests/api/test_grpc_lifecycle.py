@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import TYPE_CHECKING
 
@@ -17,21 +18,32 @@ from service.client import KipamClient
 from service.errors import Kind, ServerUnavailableError, kind_of
 from service.grpc.server import GrpcServer
 from service.locks import LockManager, advisory_key
-from service.migrate import migrate
 from service.models import PoolPolicy
 from service.store import Database
 from service.usecases import Kipam
 from tests.api.conftest import serving, until
-from tests.conftest import fresh_database
+from tests.conftest import drop_database, migrated_database
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from service.config import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.api]
 
 POLICY = PoolPolicy(default_length=64, quarantine_seconds=0)
+
+
+@contextlib.asynccontextmanager
+async def row_locked(dsn: str, pool: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another session holds the pool's row (FOR UPDATE) until the block ends, then commits."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM pools WHERE name = $1 FOR UPDATE", pool)
+            yield conn
+    finally:
+        await conn.close()
 
 
 async def _count(db: Database, sql: str) -> int:
@@ -114,11 +126,7 @@ async def test_graceful_shutdown_finishes_calls_in_flight(
         target = f"127.0.0.1:{server.port}"
         async with KipamClient(target) as client:
             await client.create_pool("p", cidr="fd00:1::/48", policy=POLICY)
-            blocker = await asyncpg.connect(dsn)
-            try:
-                transaction = blocker.transaction()
-                await transaction.start()
-                await blocker.execute("SELECT 1 FROM pools WHERE name = 'p' FOR UPDATE")
+            async with row_locked(dsn, "p") as blocker:
                 in_flight = asyncio.ensure_future(client.allocate("p", owner="node/slow"))
 
                 async def waiting() -> bool:
@@ -141,9 +149,6 @@ async def test_graceful_shutdown_finishes_calls_in_flight(
                         return False
 
                     await until(refused)
-                await transaction.commit()
-            finally:
-                await blocker.close()
             allocation, created = await in_flight
             assert created
             assert str(allocation.prefix) == "fd00:1::/64"
@@ -155,11 +160,7 @@ async def test_deadline_while_waiting_leaves_an_answer_for_the_retry(
 ) -> None:
     """A deadline passing inside the transaction: all or nothing; the keyed retry gets it."""
     await client.create_pool("p", cidr="fd00:1::/48", policy=POLICY)
-    blocker = await asyncpg.connect(dsn)
-    try:
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("SELECT 1 FROM pools WHERE name = 'p' FOR UPDATE")
+    async with row_locked(dsn, "p"):
         impatient = KipamClient(client.server, timeout=0.3)
         try:
             with pytest.raises(ServerUnavailableError) as caught:
@@ -168,9 +169,6 @@ async def test_deadline_while_waiting_leaves_an_answer_for_the_retry(
             assert caught.value.__cause__.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             await impatient.close()
-        await transaction.commit()
-    finally:
-        await blocker.close()
     allocation, _ = await client.allocate("p", owner="node/a", idempotency_key="once")
     again, created = await client.allocate("p", owner="node/a", idempotency_key="once")
     assert (again.id, created) == (allocation.id, False)
@@ -197,12 +195,7 @@ async def test_health_follows_the_database(
     server_dsn: str, settings: Settings, free_port: Callable[[], int]
 ) -> None:
     """Health is SERVING while the database answers and NOT_SERVING once it is gone."""
-    async with fresh_database(server_dsn) as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+    async with migrated_database(server_dsn) as dsn:
         db = await Database.open(dsn, settings)
         try:
             locks = LockManager(None)
@@ -223,11 +216,7 @@ async def test_health_follows_the_database(
                         return int(answer.status)
 
                     assert await status() == health_pb2.HealthCheckResponse.SERVING
-                    admin = await asyncpg.connect(server_dsn)
-                    try:  # the database goes away under the running server
-                        await admin.execute(f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-                    finally:
-                        await admin.close()
+                    await drop_database(server_dsn, dsn)  # the database goes away under it
 
                     async def not_serving() -> bool:
                         return await status() == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from service.errors import STATUS
-from tests.api.scenarios import SCENARIO, Ref, Step
+from tests.api.scenarios import SCENARIO, Step, arguments
 
 if TYPE_CHECKING:
     import httpx
@@ -46,14 +46,7 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _run(http: httpx.AsyncClient, step: Step, answers: dict[str, Any]) -> Any:  # noqa: C901, PLR0911 - one branch per operation
-    args = {
-        k: getattr(
-            answers[v.step][0] if isinstance(answers[v.step], tuple) else answers[v.step], v.attr
-        )
-        if isinstance(v, Ref)
-        else v
-        for k, v in step.args.items()
-    }
+    args = arguments(step, answers)
     op = step.op
     if op == "create_pool":
         key = args.pop("idempotency_key", None)

@@ -6,17 +6,15 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
 import httpx
 import pytest
 
 from service.app import Resources
 from service.locks import LockManager
-from service.migrate import migrate
 from service.rest.app import build_http_app
 from service.store import Database
 from service.usecases import Kipam
-from tests.conftest import fresh_database
+from tests.conftest import drop_database, migrated_database
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -158,12 +156,7 @@ async def test_the_schema_ui_loads_without_a_cdn(http: httpx.AsyncClient) -> Non
 
 async def test_database_down_is_503_and_not_ready(server_dsn: str, settings: Settings) -> None:
     """With its database gone, the API answers 503 problems and /readyz says not ready."""
-    async with fresh_database(server_dsn) as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+    async with migrated_database(server_dsn) as dsn:
         quick = type(settings)(**{**settings.__dict__, "statement_timeout_s": 2.0})
         db = await Database.open(dsn, quick)
         locks = LockManager(None)
@@ -174,11 +167,7 @@ async def test_database_down_is_503_and_not_ready(server_dsn: str, settings: Set
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://kipam") as http:
                 assert (await http.get("/readyz")).status_code == 200
-                admin = await asyncpg.connect(server_dsn)
-                try:
-                    await admin.execute(f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-                finally:
-                    await admin.close()
+                await drop_database(server_dsn, dsn)  # the database goes away under it
                 down = await http.get("/v1/pools")
                 assert down.status_code == 503
                 assert down.headers["content-type"] == "application/problem+json"
