@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from service.config import Settings, parse_listen_address
-from service.errors import PreconditionFailedError
+from service.errors import ListenError, PreconditionFailedError
 from service.grpc.server import GrpcServer
 from service.locks import LockManager
 from service.migrate import migrate, status
@@ -129,55 +131,60 @@ class HttpServer(uvicorn.Server):
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting, finish in-flight work and close.
 
+    Both listen addresses are bound before anything is served, so a taken port is one clear
+    error (after the database starts: a data directory in use says more than its port).
     Shutdown order: gRPC health turns NOT_SERVING and both servers stop accepting; calls in
     flight get ``KIPAM_SHUTDOWN_GRACE_S`` to finish; then the lanes drain and the database
     and lock connections close.
+
+    Raises:
+        ListenError: a listen address cannot be bound.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    host, port = parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
     async with resources(settings) as res:
-        config = uvicorn.Config(
-            build_http_app(res),
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
-        )
-        grpc_server = GrpcServer(res, settings.grpc_addr)
-        await grpc_server.start()
-        try:
-            await _run_http(HttpServer(config), stop, settings, res, grpc_server)
-        finally:
-            await grpc_server.stop(settings.shutdown_grace_s)
+        with _bind(settings.http_addr, "KIPAM_HTTP_ADDR") as http_socket:
+            config = uvicorn.Config(
+                build_http_app(res),
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+                timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+            )
+            grpc_server = GrpcServer(res, settings.grpc_addr)
+            await grpc_server.start()
+            try:
+                server = HttpServer(config)
+                task = asyncio.create_task(server.serve(sockets=[http_socket]))
+                _log.info(
+                    "kipam serving HTTP on %s and gRPC on %s (database: %s, locks: %s)",
+                    settings.http_addr,
+                    settings.grpc_addr,
+                    res.database,
+                    res.locks.backend,
+                )
+                await stop.wait()
+                _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
+                server.should_exit = True
+                await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
+            finally:
+                await grpc_server.stop(settings.shutdown_grace_s)
 
 
-async def _run_http(
-    server: HttpServer,
-    stop: asyncio.Event,
-    settings: Settings,
-    res: Resources,
-    grpc_server: GrpcServer,
-) -> None:
-    """Serve HTTP until ``stop``; on stop, both servers finish their calls in flight."""
-    task = asyncio.create_task(server.serve())
-    _log.info(
-        "kipam serving HTTP on %s and gRPC on %s (database: %s, locks: %s)",
-        settings.http_addr,
-        settings.grpc_addr,
-        res.database,
-        res.locks.backend,
-    )
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:  # the server failed to start (port taken, ...)
-        waiter.cancel()
-        await task
-        raise SystemExit(1)
-    _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
-    server.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
+def _bind(address: str, name: str) -> socket.socket:
+    """A listening socket on ``host:port`` (IPv6 hosts in brackets).
+
+    Raises:
+        ListenError: the port is taken, or the host is not an address of this machine.
+    """
+    host, port = parse_listen_address(address, name)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ListenError(
+            f"Cannot listen for HTTP on {address} ({name}): "
+            f"{os.strerror(exc.errno) if exc.errno else exc}."
+        ) from exc

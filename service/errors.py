@@ -15,6 +15,7 @@ service adds its own kinds of failure and maps both, here and only here::
     |   +-- LockTimeoutError         a pool lock was not granted within its bounded wait
     |   +-- DatabaseUnavailableError
     |   +-- ServerUnavailableError   (client side) the kipam server did not answer in time
+    |   +-- ListenError              (server side) an address to serve on cannot be bound
     +-- UnauthenticatedError         kind UNAUTHENTICATED  no valid credentials
     +-- PermissionDeniedError        kind FORBIDDEN     credentials without the right
     +-- InternalError                kind INTERNAL      (client side) the server failed
@@ -39,6 +40,7 @@ __all__ = [
     "InternalError",
     "InvalidRequestError",
     "Kind",
+    "ListenError",
     "LockTimeoutError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -179,6 +181,10 @@ class DatabaseUnavailableError(UnavailableError):
 
 class ServerUnavailableError(UnavailableError):
     """(Client side) the kipam server could not be reached or did not answer in time."""
+
+
+class ListenError(UnavailableError):
+    """An address to serve on cannot be bound (taken, or not an address of this host)."""
 
 
 class UnauthenticatedError(ServiceError):

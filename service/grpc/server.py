@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.errors import InvalidRequestError, UnavailableError
+from service.errors import InvalidRequestError, ListenError
 from service.grpc import convert
 from service.grpc.errors import ErrorInterceptor
 from service.grpc.gen import allocation_pb2 as apb
@@ -320,12 +320,15 @@ class GrpcServer:
         """Bind and start serving; health follows the database from now on.
 
         Raises:
-            UnavailableError: the address cannot be bound.
+            ListenError: the address cannot be bound.
         """
         try:
             self.port = self.server.add_insecure_port(self.address)
         except RuntimeError as exc:
-            raise UnavailableError(f"Cannot listen for gRPC on {self.address}: {exc}") from exc
+            raise ListenError(
+                f"Cannot listen for gRPC on {self.address} (KIPAM_GRPC_ADDR): the port is taken "
+                "or the address is not one of this host's."
+            ) from exc
         await self.server.start()
         await self._set_health(up=await self.res.db.ping())
         self._probe = asyncio.create_task(self._watch_database(), name="kipam-grpc-health")

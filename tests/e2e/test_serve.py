@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,3 +189,28 @@ def test_bad_settings_are_a_clear_error() -> None:
     assert result.returncode == 1
     assert "KIPAM_HTTP_ADDR" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("taken", ["KIPAM_GRPC_ADDR", "KIPAM_HTTP_ADDR"])
+def test_a_taken_port_is_a_clear_error(
+    session_database: str, free_port: Callable[[], int], taken: str
+) -> None:
+    """A listen address in use: exit status 1 and one line naming it, no traceback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = f"127.0.0.1:{sock.getsockname()[1]}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},
+            "KIPAM_DATABASE_URL": session_database,
+            "KIPAM_MIGRATE_ON_START": "true",
+            "KIPAM_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+            "KIPAM_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            taken: busy,
+        }
+        result = subprocess.run(
+            [*KIPAM, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert busy in result.stderr
