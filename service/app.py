@@ -165,7 +165,12 @@ async def serve(settings: Settings) -> None:
                     res.database,
                     res.locks.backend,
                 )
-                await stop.wait()
+                waiter = asyncio.create_task(stop.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():  # the HTTP server ended on its own: a bug, say so and stop
+                    waiter.cancel()
+                    task.result()
+                    raise SystemExit(1)
                 _log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
                 server.should_exit = True
                 await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
