@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -155,6 +156,7 @@ async def serve(settings: Settings) -> None:
             )
             grpc_server = GrpcServer(res, settings.grpc_addr)
             await grpc_server.start()
+            _tune_gc()
             try:
                 server = HttpServer(config)
                 task = asyncio.create_task(server.serve(sockets=[http_socket]))
@@ -176,6 +178,19 @@ async def serve(settings: Settings) -> None:
                 await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
             finally:
                 await grpc_server.stop(settings.shutdown_grace_s)
+
+
+def _tune_gc() -> None:
+    """Keep garbage-collection pauses out of the request tail latency.
+
+    Everything built at start-up (modules, settings, the app) lives as long as the process:
+    frozen, the collector never walks it again. Requests make many short-lived objects and
+    almost no cycles; a larger first-generation threshold collects them in fewer, equally
+    short passes.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _bind(address: str, name: str) -> socket.socket:

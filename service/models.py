@@ -30,7 +30,7 @@ __all__ = [
     "PoolPolicy",
     "PoolUsage",
     "RequestContext",
-    "canonical_address",
+    "address_text",
     "check_labels",
     "check_owner",
     "check_pool_name",
@@ -110,13 +110,9 @@ def to_address(value: str) -> Prefix:
         raise InvalidRequestError(exc.message, field="address") from exc
 
 
-def canonical_address(text: str) -> str:
-    """An address in canonical form (RFC 5952 for IPv6).
-
-    Raises:
-        InvalidRequestError: not an address (field ``address``).
-    """
-    return str(to_address(text).to_network().network_address)
+def address_text(host: Prefix) -> str:
+    """The address of a host prefix (/32 or /128) as text, RFC 5952 for IPv6."""
+    return str(host).rsplit("/", 1)[0]
 
 
 def check_owner(owner: object) -> str:

@@ -1296,29 +1296,32 @@ class Kipam:
         items = [allocation_from_row(r) for r in rows[:limit]]
         return Page(items, str(items[-1].id) if len(rows) > limit else None)
 
-    async def lookup(self, address: str, *, at: dt.datetime | None = None) -> list[Allocation]:
+    async def lookup(
+        self, address: str | Prefix, *, at: dt.datetime | None = None
+    ) -> list[Allocation]:
         """Allocations holding ``address`` now (or at ``at``), innermost first.
 
-        An allocation holds its prefix from creation until it is released; quarantine and
+        ``address`` is text, or a host prefix from :func:`service.models.to_address`. An
+        allocation holds its prefix from creation until it is released; quarantine and
         release are both the end of the holding.
         """
-        ip = to_address(address)
+        ip = address if isinstance(address, Prefix) else to_address(address)
         if at is None:
             rows = await self.db.fetch(
                 f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
-                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::inet AND a.state = 'active'"
+                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::cidr AND a.state = 'active'"
                 " ORDER BY masklen(a.prefix) DESC, a.id",
-                str(ip.to_network().network_address),
+                ip,
             )
         else:
             if at.tzinfo is None:
                 raise InvalidRequestError("at needs a time zone (e.g. ...Z).", field="at")
             rows = await self.db.fetch(
                 f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
-                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::inet AND a.created_at <= $2"
+                f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::cidr AND a.created_at <= $2"
                 " AND (a.released_at IS NULL OR a.released_at > $2)"
                 " ORDER BY masklen(a.prefix) DESC, a.id",
-                str(ip.to_network().network_address),
+                ip,
                 at,
             )
         return [allocation_from_row(r) for r in rows]

@@ -33,7 +33,7 @@ from service.grpc.gen import cluster_pb2 as cpb
 from service.grpc.gen import cluster_pb2_grpc as cpb_grpc
 from service.grpc.gen import pool_pb2 as ppb
 from service.grpc.gen import pool_pb2_grpc as ppb_grpc
-from service.models import AllocationRequest, RequestContext, canonical_address
+from service.models import AllocationRequest, RequestContext, address_text, to_address
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -214,9 +214,10 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
         self, request: apb.LookupAddressRequest, context: Context
     ) -> apb.LookupAddressResponse:
         at = convert.timestamp_from_pb(request.at) if request.HasField("at") else None
-        found = await self.kipam.lookup(request.address, at=at)
+        host = to_address(request.address)
+        found = await self.kipam.lookup(host, at=at)
         return apb.LookupAddressResponse(
-            address=canonical_address(request.address),
+            address=address_text(host),
             allocations=[convert.allocation_pb(a) for a in found],
         )
 

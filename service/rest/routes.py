@@ -28,7 +28,7 @@ from litestar.params import (
 from litestar.response import Response
 
 from service.errors import InvalidRequestError
-from service.models import RequestContext, canonical_address
+from service.models import RequestContext, address_text, to_address
 from service.rest import text
 from service.rest.paths import original_path
 from service.rest.problems import PROBLEM_MEDIA_TYPE
@@ -445,9 +445,10 @@ class QueryController(Controller):
         ] = None,
         format: Format = None,  # noqa: A002
     ) -> Response[LookupOut]:
-        found = await kipam.lookup(address, at=at)
+        host = to_address(address)
+        found = await kipam.lookup(host, at=at)
         body = LookupOut(
-            address=canonical_address(address),
+            address=address_text(host),
             at=at,
             allocations=[AllocationOut.from_model(a) for a in found],
         )
