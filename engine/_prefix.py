@@ -177,9 +177,29 @@ class Prefix:
 
 
 def _format(version: int, value: int) -> str:
+    """An address as canonical text: dotted quad, or RFC 5952 section 4 for IPv6.
+
+    Done with integer operations: ``str(ipaddress.IPv6Address(v))`` gives the same text (a
+    property test says so) at several times the cost, and every prefix in every answer is
+    formatted.
+    """
     if version == 4:
-        return str(ipaddress.IPv4Address(value))
-    return str(ipaddress.IPv6Address(value))
+        return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+    hextets = [(value >> shift) & 0xFFFF for shift in range(112, -16, -16)]
+    # The longest run of two or more zero hextets becomes "::" (the first of equal runs).
+    best_start, best_len, start = 0, 0, -1
+    for i, hextet in enumerate((*hextets, 1)):  # the 1 ends a run that reaches the end
+        if hextet == 0:
+            if start < 0:
+                start = i
+        elif start >= 0:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = -1
+    parts = [f"{h:x}" for h in hextets]
+    if best_len < 2:
+        return ":".join(parts)
+    return ":".join(parts[:best_start]) + "::" + ":".join(parts[best_start + best_len :])
 
 
 def _parse_ip(text: str, what: str) -> tuple[int, int]:

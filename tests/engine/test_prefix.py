@@ -4,6 +4,8 @@ import ipaddress
 import pickle
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine import ErrorKind, InvalidPrefixError, Prefix, parse_address, parse_prefix
 
@@ -239,3 +241,24 @@ def test_to_network_matches_ipaddress() -> None:
     """to_network() gives the equal ipaddress object for both families."""
     assert parse_prefix("10.0.0.0/8").to_network() == ipaddress.IPv4Network("10.0.0.0/8")
     assert parse_prefix("2001:db8::/32").to_network() == ipaddress.IPv6Network("2001:db8::/32")
+
+
+# Addresses with zero runs of every length and place, which is where formatting can go wrong.
+_HEXTETS = st.lists(st.sampled_from([0, 0, 0, 1, 0xABC, 0xFFFF]), min_size=8, max_size=8)
+
+
+@given(
+    st.one_of(
+        st.integers(min_value=0, max_value=2**128 - 1),
+        _HEXTETS.map(lambda hs: sum(h << (16 * (7 - i)) for i, h in enumerate(hs))),
+    )
+)
+def test_ipv6_text_is_what_ipaddress_writes(value: int) -> None:
+    """The integer formatter writes RFC 5952 text exactly as the standard library does."""
+    assert str(Prefix(6, value, 128)) == f"{ipaddress.IPv6Address(value)}/128"
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_ipv4_text_is_what_ipaddress_writes(value: int) -> None:
+    """The integer formatter writes dotted quads exactly as the standard library does."""
+    assert str(Prefix(4, value, 32)) == f"{ipaddress.IPv4Address(value)}/32"
