@@ -292,6 +292,14 @@ class Database:
             raise translate(exc) from exc
         return rows
 
+    async def fetch_raw(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one statement on a pooled connection; driver errors are raised untranslated.
+
+        For callers that tell one database refusal from another (the fenced write).
+        """
+        rows: list[asyncpg.Record] = await self._pool.fetch(sql, *args)
+        return rows
+
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run one query returning at most one row."""
         try:

@@ -173,11 +173,13 @@ async def test_release_quarantine_and_reuse(kipam: Kipam, db: Database) -> None:
     assert (await kipam.release(first.id)).state == "quarantined"  # idempotent
     second, _ = await kipam.allocate("eu1", owner="node/w2")
     assert second.prefix != first.prefix  # still in quarantine
-    # Time passes: the quarantine ends.
+    # Time passes: the quarantine ends, for the database and for this process.
     async with db.connection() as conn:
         await conn.execute(
             "UPDATE allocations SET reusable_at = released_at WHERE id = $1", first.id
         )
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    kipam.clock = lambda: later
     third, _ = await kipam.allocate("eu1", owner="node/w3")
     assert third.prefix == first.prefix
     assert (await kipam.get_allocation(first.id)).state == "released"
@@ -371,3 +373,36 @@ def test_parse_selector() -> None:
     for bad in ("a=1,", "!a=1", "a b", "=1"):
         with pytest.raises(InvalidRequestError):
             parse_selector(bad)
+
+
+async def test_replicas_interleaving_on_one_pool_stay_disjoint(kipam: Kipam, db: Database) -> None:
+    """Two replicas take turns on a pool: fenced writes fall back, nothing overlaps or is lost."""
+    await site(kipam)
+    other = Kipam(db, kipam.locks)
+    try:
+        taken = []
+        for n in range(20):
+            replica = kipam if n % 2 else other
+            allocation, _ = await replica.allocate("eu1", owner=f"node/w{n}")
+            taken.append(allocation.prefix)
+        assert len(set(taken)) == 20
+        rows = await db.fetch("SELECT prefix FROM allocations WHERE state = 'active'")
+        assert sorted(r["prefix"] for r in rows) == sorted(taken)
+    finally:
+        await other.close()
+
+
+async def test_a_pool_deleted_by_another_replica_is_not_written(kipam: Kipam, db: Database) -> None:
+    """The fence sees a pool deleted elsewhere: nothing is written, the caller gets NOT_FOUND."""
+    await site(kipam)
+    first, _ = await kipam.allocate("eu1", owner="node/w1")  # learns the pool
+    other = Kipam(db, kipam.locks)
+    try:
+        await other.release(first.id)
+        await other.delete_pool("eu1")
+    finally:
+        await other.close()
+    with pytest.raises(PoolNotFoundError):
+        await kipam.allocate("eu1", owner="node/w2")
+    rows = await db.fetch("SELECT owner FROM allocations")
+    assert [r["owner"] for r in rows] == ["node/w1"]
