@@ -6,8 +6,8 @@ JSON shapes"); the adapters convert them to protobuf messages and JSON without r
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
@@ -339,7 +339,7 @@ class RequestContext:
         the trace id is taken from a well-formed traceparent (never the all-zero id).
         """
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
         trace_id = None
         match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
         if match and match.group(1) != "0" * 32:
