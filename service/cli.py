@@ -1,7 +1,8 @@
 """The ``kipam`` command line.
 
 Exit codes follow DESIGN.md: 0 ok, 1 error, 2 usage, 3 exhausted or conflict. Errors are
-one line on stderr, never a traceback.
+one line on stderr, never a traceback. ``serve`` and ``migrate`` run the service; the rest
+(:mod:`service.commands`) talk to a running server over gRPC.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from importlib.metadata import version
 from typing import TYPE_CHECKING, TypeVar
 
+from engine import EngineError
 from service.config import Settings
 from service.errors import Kind, ServiceError, kind_of
 
@@ -79,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--check", action="store_true", help="only report; exit 1 if any pending")
     mig.add_argument("--output", choices=["table", "json"], default="table")
     mig.set_defaults(func=_migrate)
+    from service.commands import add_commands  # noqa: PLC0415 - the client's imports
+
+    add_commands(commands, _run)
     return parser
 
 
@@ -95,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         result: int = args.func(settings, args)
-    except (ServiceError, OSError) as exc:
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
+    except (ServiceError, EngineError, OSError) as exc:
+        message = exc.message if isinstance(exc, ServiceError | EngineError) else str(exc)
         print(f"kipam {args.command}: {message}", file=sys.stderr)
         return EXIT_CONFLICT if kind_of(exc) in {Kind.CONFLICT, Kind.EXHAUSTED} else EXIT_ERROR
     except KeyboardInterrupt:

@@ -11,14 +11,18 @@ every run) and drops it at the end; tests that use ``clean`` start from empty ta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -235,3 +239,58 @@ async def _clean(db: Database) -> None:
             INSERT INTO spaces (name) VALUES ('default');
             """
         )
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A running `kipam serve` process: its REST base URL and its gRPC address."""
+
+    url: str
+    grpc: str
+
+
+@pytest.fixture(name="live_server", scope="module")
+def _live_server(
+    server_dsn: str, free_port: Callable[[], int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`kipam serve` as a process on a fresh database, ready; stopped (cleanly) afterwards."""
+    name = f"kipam_live_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    http, grpc = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},
+        "KIPAM_DATABASE_URL": with_database(server_dsn, name),
+        "KIPAM_MIGRATE_ON_START": "true",
+        "KIPAM_HTTP_ADDR": f"127.0.0.1:{http}",
+        "KIPAM_GRPC_ADDR": f"127.0.0.1:{grpc}",
+    }
+    log = tmp_path_factory.mktemp("live") / "serve.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stderr=stderr
+        )
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"kipam serve exited early: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2):  # noqa: S310 - loopback
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "kipam serve did not become ready"
+                time.sleep(0.1)
+        yield LiveServer(url, f"127.0.0.1:{grpc}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        assert "Traceback" not in log.read_text(), log.read_text()

@@ -14,10 +14,6 @@ pool name), which a JSON schema cannot say.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from typing import TYPE_CHECKING
 
 import pytest
@@ -25,66 +21,17 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import with_database
-
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from tests.conftest import LiveServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.api, pytest.mark.slow]
 
 EXAMPLES = int(os.environ.get("KIPAM_SCHEMATHESIS_EXAMPLES", "50"))
 
 
-@pytest.fixture(name="live_url", scope="module")
-def _live_url(server_dsn: str, free_port: Callable[[], int]) -> Iterator[str]:
-    """`kipam serve` on a fresh database; its base URL."""
-    import asyncio  # noqa: PLC0415
-
-    import asyncpg  # noqa: PLC0415
-
-    name = f"kipam_schemathesis_{os.getpid()}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}"'))
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")},
-        "KIPAM_DATABASE_URL": with_database(server_dsn, name),
-        "KIPAM_MIGRATE_ON_START": "true",
-        "KIPAM_HTTP_ADDR": f"127.0.0.1:{port}",
-        "KIPAM_GRPC_ADDR": f"127.0.0.1:{free_port()}",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], env=env, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "kipam serve exited early"
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2):  # noqa: S310 - loopback
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "kipam serve did not become ready"
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=30)
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        assert b"Traceback" not in stderr, stderr.decode()
-
-
-def test_api_conforms_to_its_schema(live_url: str) -> None:
+def test_api_conforms_to_its_schema(live_server: LiveServer) -> None:
     """No 5xx, and every answer is what the OpenAPI document says it is, per operation."""
+    live_url = live_server.url
     api = schemathesis.openapi.from_url(f"{live_url}/schema/openapi.json")
     failures: dict[str, str] = {}
     operations = [result.ok() for result in api.get_all_operations()]
