@@ -34,6 +34,7 @@ __all__ = [
     "check_labels",
     "check_owner",
     "check_pool_name",
+    "make_request_id",
     "to_address",
     "to_prefix",
 ]
@@ -321,6 +322,13 @@ class Page(Generic[T]):
     next_cursor: str | None
 
 
+def make_request_id(given: str | None) -> str:
+    """The caller's request id when it is 1-128 printable ASCII characters, else a new one."""
+    if given is None or not _REQUEST_ID.fullmatch(given):
+        return os.urandom(16).hex()
+    return given
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """Who asks, and the ids that tie the change to its request and trace (invariant 7)."""
@@ -338,8 +346,7 @@ class RequestContext:
         The request id is kept when it is 1-128 printable ASCII characters, else one is made;
         the trace id is taken from a well-formed traceparent (never the all-zero id).
         """
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = os.urandom(16).hex()
+        request_id = make_request_id(request_id)
         trace_id = None
         match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
         if match and match.group(1) != "0" * 32:

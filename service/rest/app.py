@@ -21,7 +21,7 @@ from litestar.static_files import create_static_files_router
 
 from service.migrate import status
 from service.rest import problems
-from service.rest.paths import PoolPaths
+from service.rest.paths import PoolPaths, RequestIds
 from service.rest.routes import AllocationController, PoolController, QueryController
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def build_http_app(res: Resources) -> ASGIApp:
         logging_config=None,
     )
     _document_text_tables(app)
-    return PoolPaths(app)
+    return RequestIds(PoolPaths(app))
 
 
 def _document_text_tables(app: Litestar) -> None:

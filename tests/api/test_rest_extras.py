@@ -178,3 +178,18 @@ async def test_database_down_is_503_and_not_ready(server_dsn: str, settings: Set
             await kipam.close()
             await locks.close()
             await db.close()
+
+
+async def test_every_answer_carries_its_request_id(http: httpx.AsyncClient) -> None:
+    """X-Request-ID: the caller's is echoed and recorded; one is made when none is sent."""
+    await _pool(http, "p", cidr="fd12:3456:789a::/48", policy=SITE)
+    made = await http.post(
+        "/v1/pools/p/allocations", json={"owner": "node/a"}, headers={"x-request-id": "job-42"}
+    )
+    assert made.headers["x-request-id"] == "job-42"
+    history = (await http.get("/v1/history", params={"pool": "p"})).json()["items"]
+    assert history[-1]["request_id"] == "job-42"
+    missing = await http.get("/v1/pools/nope")
+    assert missing.status_code == 404
+    assert len(missing.headers["x-request-id"]) == 32
+    assert missing.json()["request_id"] == missing.headers["x-request-id"]
