@@ -568,10 +568,15 @@ def print_report(report: dict[str, Any]) -> None:
         if not r[case]["verified"]
     ]
     print("Verified: " + ("; ".join(bad) if bad else "rows in allocations == successful calls"))
+    print_servers(runs, "SERVING")
+
+
+def print_servers(runs: list[dict[str, Any]], ready: str) -> None:
+    """One line per run on how its server started, which locks it used and how it stopped."""
     for n, r in enumerate(runs):
         s = r["server"]
         print(
-            f"Server, run {n + 1}: SERVING after {s.get('ready_s', float('nan')):.2f} s, "
+            f"Server, run {n + 1}: {ready} after {s.get('ready_s', float('nan')):.2f} s, "
             f"locks {s.get('locks_at_start')} at start, {s.get('locks_at_end')} at end, "
             f"exit {s.get('exit')} after SIGTERM in {s.get('stop_s', float('nan')):.2f} s"
             + (" (killed)" if s.get("killed") else "")

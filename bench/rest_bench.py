@@ -502,17 +502,7 @@ def print_report(report: dict[str, Any]) -> None:
             "allocation; every answer under wrk counted by status"
         )
     )
-    for n, r in enumerate(runs):
-        s = r["server"]
-        print(
-            f"Server, run {n + 1}: ready after {s.get('ready_s', float('nan')):.2f} s, "
-            f"locks {s.get('locks_at_start')} at start, {s.get('locks_at_end')} at end, "
-            f"exit {s.get('exit')} after SIGTERM in {s.get('stop_s', float('nan')):.2f} s"
-            + (" (killed)" if s.get("killed") else "")
-            + (f", {len(s['log'])} log lines of note:" if s["log"] else ", log clean")
-        )
-        for line in s["log"]:
-            print(f"    {line}")
+    grpc_bench.print_servers(runs, "ready")
 
 
 def main() -> None:

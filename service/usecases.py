@@ -40,7 +40,7 @@ import logging
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import asyncpg
 
@@ -97,6 +97,8 @@ if TYPE_CHECKING:
     from service.store import Database
 
 __all__ = ["Kipam", "parse_selector"]
+
+T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -1456,20 +1458,16 @@ class Kipam:
             args.append(family)
             where.append(f"family(a.prefix) = ${len(args)}")
         where += _selector_sql(parse_selector(selector), "a.labels", args)
-        if after is not None:
-            if not after.isdigit():
-                raise InvalidRequestError("The page cursor is not valid.", field="after")
-            args.append(int(after))
-            where.append(f"a.id > ${len(args)}")
-        args.append(limit + 1)
-        rows = await self.db.fetch(
-            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-            f" ORDER BY a.id LIMIT ${len(args)}",
-            *args,
+        return await self._page(
+            f"SELECT {ALLOCATION_COLUMNS} {_ALLOCATION_FROM}",
+            "a.id",
+            where,
+            args,
+            after=after,
+            limit=limit,
+            convert=allocation_from_row,
+            key_of=lambda a: a.id,
         )
-        items = [allocation_from_row(r) for r in rows[:limit]]
-        return Page(items, str(items[-1].id) if len(rows) > limit else None)
 
     async def lookup(
         self, address: str | Prefix, *, at: dt.datetime | None = None
@@ -1565,20 +1563,43 @@ class Kipam:
                 raise InvalidRequestError("since needs a time zone (e.g. ...Z).", field="since")
             args.append(since)
             where.append(f"c.at >= ${len(args)}")
+        return await self._page(
+            f"SELECT {CHANGE_COLUMNS} {_CHANGE_FROM}",
+            "c.revision",
+            where,
+            args,
+            after=after,
+            limit=limit,
+            convert=change_from_row,
+            key_of=lambda c: c.revision,
+        )
+
+    async def _page(  # noqa: PLR0913 - one query's parts
+        self,
+        select: str,
+        key: str,
+        where: list[str],
+        args: list[object],
+        *,
+        after: str | None,
+        limit: int,
+        convert: Callable[[asyncpg.Record], T],
+        key_of: Callable[[T], int],
+    ) -> Page[T]:
+        """One page of a keyset-paginated list: rows after ``after`` by the integer ``key``."""
         if after is not None:
             if not after.isdigit():
                 raise InvalidRequestError("The page cursor is not valid.", field="after")
             args.append(int(after))
-            where.append(f"c.revision > ${len(args)}")
+            where.append(f"{key} > ${len(args)}")
         args.append(limit + 1)
         rows = await self.db.fetch(
-            f"SELECT {CHANGE_COLUMNS} {_CHANGE_FROM}"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-            f" ORDER BY c.revision LIMIT ${len(args)}",
+            f"{select} {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f" ORDER BY {key} LIMIT ${len(args)}",
             *args,
         )
-        items = [change_from_row(r) for r in rows[:limit]]
-        return Page(items, str(items[-1].revision) if len(rows) > limit else None)
+        items = [convert(r) for r in rows[:limit]]
+        return Page(items, str(key_of(items[-1])) if len(rows) > limit else None)
 
     def watch(
         self, since_revision: int | None = None, pool: str | None = None
