@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
 
+def database_of(dsn: str) -> str:
+    """The database a DSN names (``.../name`` or ``.../name?host=...``)."""
+    return dsn.partition("?")[0].rpartition("/")[2]
+
+
 def with_database(dsn: str, name: str) -> str:
     """The same server DSN, pointing at another database."""
     base, sep, query = dsn.partition("?")
@@ -173,7 +178,7 @@ async def drop_database(server_dsn: str, dsn: str) -> None:
     """Drop the database of ``dsn`` now, whoever is connected (a database that goes away)."""
     admin = await asyncpg.connect(server_dsn)
     try:
-        await admin.execute(f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE "{database_of(dsn)}" WITH (FORCE)')
     finally:
         await admin.close()
 
