@@ -392,7 +392,9 @@ class KipamClient:
 
         With ``reconnect``, a broken stream (server restart, another replica behind the
         load balancer) is resumed from the last change delivered, with growing pauses; the
-        caller sees no gap and no duplicate. Other errors end the iteration.
+        caller sees no gap and no duplicate. (A watch "from now" that breaks before its first
+        change resumes from the new now: pass a revision to be exact.) Other errors are
+        raised as the service's errors.
         """
         attempt = 0
         while True:
