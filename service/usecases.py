@@ -467,27 +467,31 @@ class _Lane:
 
     async def _drain(self) -> None:
         while self.queue:
-            # Let callers answered by the last transaction queue their next request first, so
-            # that it joins this batch instead of waiting a whole transaction for the next.
-            await asyncio.sleep(0)
             batch: list[_Job] = []
             while self.queue and len(batch) < self.kipam.batch_max:
                 job = self.queue.popleft()
                 if not job.future.done():  # skip callers that gave up
                     batch.append(job)
-            if not batch:
-                continue
-            try:
-                await self._run(batch)
-            except BaseException as exc:  # every waiter gets the failure
-                error = exc if isinstance(exc, ServiceError) else translate(exc)
-                if not isinstance(exc, ServiceError | asyncpg.PostgresError | OSError):
-                    _log.exception("lane %s: batch failed", self.number)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            if batch:
+                await self._serve(batch)
+            # Let the callers just answered queue their next request before the queue is
+            # looked at again, so that it joins the next batch instead of waiting a whole
+            # transaction. (A fresh task needs no such turn: it starts after its submitters.)
+            await asyncio.sleep(0)
+
+    async def _serve(self, batch: list[_Job]) -> None:
+        """Run one batch; a failure of the whole batch goes to every caller still waiting."""
+        try:
+            await self._run(batch)
+        except BaseException as exc:
+            error = exc if isinstance(exc, ServiceError) else translate(exc)
+            if not isinstance(exc, ServiceError | asyncpg.PostgresError | OSError):
+                _log.exception("lane %s: batch failed", self.number)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _run(self, batch: list[_Job]) -> None:
         if all(isinstance(job, _Allocate) and not job.dry_run for job in batch):

@@ -320,8 +320,8 @@ def allocation_from_pb(message: apb.Allocation) -> Allocation:
     )
 
 
-def allocation_request(message: apb.AllocatePrefixRequest | apb.PrefixRequest) -> AllocationRequest:
-    """One prefix to allocate, from either request message (validated by the use case).
+def allocation_request(message: apb.PrefixRequest) -> AllocationRequest:
+    """One prefix of a batch to allocate (validated by the use case).
 
     Raises:
         InvalidRequestError: a prefix that is not one.

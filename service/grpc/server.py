@@ -145,14 +145,14 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
     async def AllocatePrefix(
         self, request: apb.AllocatePrefixRequest, context: Context
     ) -> apb.AllocatePrefixResponse:
-        asked = convert.allocation_request(request)
+        target = request.WhichOneof("target")
         allocation, created = await self.kipam.allocate(
             request.pool,
-            owner=asked.owner,
-            length=asked.length,
-            prefix=asked.prefix,
-            labels=asked.labels,
-            idempotency_key=asked.idempotency_key,
+            owner=request.owner,
+            length=request.prefix_length if target == "prefix_length" else None,
+            prefix=request.prefix if target == "prefix" else None,
+            labels=dict(request.labels),
+            idempotency_key=request.idempotency_key or None,
             dry_run=request.dry_run,
             ctx=request_context(context),
         )
