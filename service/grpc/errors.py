@@ -13,13 +13,18 @@ error becomes the status of its kind (the one table, :data:`service.errors.STATU
 * ``google.rpc.RetryInfo`` for UNAVAILABLE (worth retrying after that delay).
 
 Anything else is a bug: it is logged with its traceback and the caller gets INTERNAL with
-the request id, never the traceback. :func:`error_from_status` is the reverse, for clients.
+the request id, never the traceback. :func:`service.client.error_from_rpc` is the reverse.
+
+The same interceptor gives every call its request id (the caller's ``x-request-id`` when it
+is 1-128 printable characters, else a new one), for the handler in :data:`REQUEST_ID` and for
+the caller in the trailing metadata, errors included, as REST's ``X-Request-ID`` header.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -36,18 +41,21 @@ from service.errors import (
     PoolNotFoundError,
     kind_of,
 )
+from service.models import make_request_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from google.protobuf.message import Message
 
-__all__ = ["DOMAIN", "ErrorInterceptor", "status_for"]
+__all__ = ["DOMAIN", "REQUEST_ID", "ErrorInterceptor", "status_for"]
 
 _log = logging.getLogger("kipam.grpc")
 
 DOMAIN: Final = "kipam"
 _RETRY_AFTER_S: Final = 1
+# The running call's request id (set by the interceptor before the handler runs).
+REQUEST_ID: ContextVar[str] = ContextVar("kipam_request_id", default="")
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -122,18 +130,36 @@ def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return str(value)
-    return ""
+def _begin(context: grpc.aio.ServicerContext) -> str:
+    """The call's request id: kept for the handler and sent back in the trailing metadata."""
+    given = next(
+        (str(v) for k, v in context.invocation_metadata() or () if k == "x-request-id"), None
+    )
+    request_id = make_request_id(given)
+    REQUEST_ID.set(request_id)
+    context.set_trailing_metadata((("x-request-id", request_id),))
+    return request_id
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    request_id = _request_id(context)
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
     if kind_of(error) is Kind.INTERNAL:
-        _log.error("request %s failed", request_id or "-", exc_info=error)
-    await context.abort_with_status(status_for(error, request_id))
+        _log.error("request %s failed", request_id, exc_info=error)
+    status = status_for(error, request_id)
+    await context.abort_with_status(
+        _Status(
+            status.code,
+            status.details,
+            (*status.trailing_metadata, ("x-request-id", request_id)),
+        )
+    )
+
+
+class _Status(NamedTuple):
+    """What ``abort_with_status`` reads: code, details and trailing metadata."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpcio is untyped
@@ -166,12 +192,13 @@ def _guard_unary(
     behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]],
 ) -> Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> object:
+        request_id = _begin(context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, request_id)
             raise AssertionError from exc  # pragma: no cover - abort raises
 
     return guarded
@@ -181,12 +208,13 @@ def _guard_stream(
     behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]],
 ) -> Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        request_id = _begin(context)
         try:
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await _abort(context, exc)
+            await _abort(context, exc, request_id)
 
     return guarded

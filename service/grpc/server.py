@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.errors import InvalidRequestError, ListenError
 from service.grpc import convert
-from service.grpc.errors import ErrorInterceptor
+from service.grpc.errors import REQUEST_ID, ErrorInterceptor
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import allocation_pb2_grpc as apb_grpc
 from service.grpc.gen import cluster_pb2 as cpb
@@ -56,13 +56,11 @@ _DEFAULT_PAGE: Final = 100
 
 
 def request_context(context: Context) -> RequestContext:
-    """Who asks and which request and trace this is, from the call's metadata."""
-    found = {
-        key: value
-        for key, value in context.invocation_metadata() or ()
-        if key in {"x-request-id", "traceparent"} and isinstance(value, str)
-    }
-    return RequestContext.from_headers(found.get("x-request-id"), found.get("traceparent"))
+    """Who asks, and which request (the interceptor's id) and trace (W3C traceparent) this is."""
+    traceparent = next(
+        (str(v) for k, v in context.invocation_metadata() or () if k == "traceparent"), None
+    )
+    return RequestContext.from_headers(REQUEST_ID.get() or None, traceparent)
 
 
 def _page_size(value: int) -> int:

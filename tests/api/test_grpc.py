@@ -300,3 +300,24 @@ async def test_oversized_request_is_refused(channel: grpc.aio.Channel) -> None:
     stub = ppb_grpc.PoolServiceStub(channel)
     huge = ppb.CreatePoolRequest(name="p", cidr="fd00::/48", labels={"k": "v" * (5 * 2**20)})
     assert await _code(stub.CreatePool(huge)) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_every_answer_carries_its_request_id(
+    channel: grpc.aio.Channel, client: KipamClient
+) -> None:
+    """x-request-id comes back in the trailing metadata: the caller's, or a new one, errors too."""
+    await client.create_pool("base", cidr="fd00:1::/48", policy=PoolPolicy(default_length=64))
+    stub = apb_grpc.AllocationServiceStub(channel)
+    call = stub.AllocatePrefix(
+        apb.AllocatePrefixRequest(pool="base", owner="node/a"),
+        metadata=(("x-request-id", "job-42"),),
+    )
+    await call
+    assert ("x-request-id", "job-42") in tuple(await call.trailing_metadata())
+    changes = await client.history(pool="base")
+    assert changes.items[-1].request_id == "job-42"
+    failing = stub.GetAllocation(apb.GetAllocationRequest(id=987654321))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await failing
+    made = dict(caught.value.trailing_metadata() or ())["x-request-id"]
+    assert len(made) == 32
