@@ -54,6 +54,7 @@ _log = logging.getLogger("kipam.grpc")
 
 DOMAIN: Final = "kipam"
 _RETRY_AFTER_S: Final = 1
+_KIPAM: Final = "/kipam."
 # The running call's request id (set by the interceptor before the handler runs).
 REQUEST_ID: ContextVar[str] = ContextVar("kipam_request_id", default="")
 
@@ -171,8 +172,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpc
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+        if handler is None or not handler_call_details.method.startswith(_KIPAM):
+            return handler  # health and reflection: nothing of ours to map, no request id
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary),
