@@ -33,10 +33,10 @@ __all__ = ["add_commands"]
 
 _EXAMPLES: Final = """\
 examples:
-  kipam pool create eu1 --cidr 2001:db8:4::/48 --default-length 64
-  kipam pool create eu1-prod/pod --parent eu1 --prefix-length 52 --role pod
+  kipam pool create eu1 --cidr fd3c:9e12:7a40::/48 --default-length 64
+  kipam pool create eu1-prod/pod --parent eu1 --prefix-length 52 --role pod --default-length 64
   kipam allocate eu1-prod/pod --owner node/worker-7 --idempotency-key worker-7 --output json
-  kipam lookup 2001:db8:4::7 --at 2026-11-24T09:00:00Z
+  kipam lookup fd3c:9e12:7a40::7 --at 2026-11-24T09:00:00Z
   kipam release 42
 """
 

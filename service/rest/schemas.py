@@ -118,7 +118,7 @@ class PoolIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """
 
     name: Annotated[str, msgspec.Meta(examples=["eu1-prod/pod"], max_length=253)]
-    cidr: Annotated[str, msgspec.Meta(examples=["2001:db8:4::/48"])] | None = None
+    cidr: Annotated[str, msgspec.Meta(examples=["fd3c:9e12:7a40::/48"])] | None = None
     parent: str | None = None
     prefix_length: Length | None = None
     role: RoleName = "container"
