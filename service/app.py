@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from service.embedded import EmbeddedPostgres
 
-__all__ = ["HttpServer", "Resources", "open_database", "resources", "serve"]
+__all__ = ["HttpServer", "Resources", "open_database", "resources", "serve", "use_cases"]
 
 _log = logging.getLogger("kipam")
 
@@ -102,22 +102,29 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
                     "The database schema is not current; run `kipam migrate` first (or set "
                     "KIPAM_MIGRATE_ON_START=true)."
                 )
-        locks = LockManager(
-            settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s
-        )
-        await locks.start()
-        kipam = Kipam(
-            db,
-            locks,
-            batch_max=settings.batch_max,
-            lanes=settings.write_lanes,
-            watch_poll_s=settings.watch_poll_s,
-        )
-        try:
-            yield Resources(settings, db, locks, kipam, kind)
-        finally:
-            await kipam.close()
-            await locks.close()
+        async with use_cases(settings, db, kind) as res:
+            yield res
+
+
+@contextlib.asynccontextmanager
+async def use_cases(
+    settings: Settings, db: Database, database: str = "external"
+) -> AsyncIterator[Resources]:
+    """The lock manager and use cases over an open database, as ``settings`` say."""
+    locks = LockManager(settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s)
+    await locks.start()
+    kipam = Kipam(
+        db,
+        locks,
+        batch_max=settings.batch_max,
+        lanes=settings.write_lanes,
+        watch_poll_s=settings.watch_poll_s,
+    )
+    try:
+        yield Resources(settings, db, locks, kipam, database)
+    finally:
+        await kipam.close()
+        await locks.close()
 
 
 class HttpServer(uvicorn.Server):

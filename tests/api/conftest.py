@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 from typing import TYPE_CHECKING
 
@@ -11,12 +12,10 @@ import httpx
 import pytest_asyncio
 import uvicorn
 
-from service.app import HttpServer, Resources
+from service.app import HttpServer, use_cases
 from service.client import KipamClient
 from service.grpc.server import GrpcServer
-from service.locks import LockManager
 from service.rest.app import build_http_app
-from service.usecases import Kipam
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,17 +39,14 @@ async def serving(
     db: Database, settings: Settings, *, redis_url: str | None = None, address: str = "127.0.0.1:0"
 ) -> AsyncIterator[GrpcServer]:
     """One replica: its own use cases and locks over the shared database (any free port)."""
-    locks = LockManager(redis_url, wait_s=settings.lock_wait_s, ttl_s=settings.lock_ttl_s)
-    await locks.start()
-    kipam = Kipam(db, locks, watch_poll_s=0.1)
-    server = GrpcServer(Resources(settings, db, locks, kipam, "external"), address)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(1.0)
-        await kipam.close()
-        await locks.close()
+    replica = dataclasses.replace(settings, redis_url=redis_url, watch_poll_s=0.1)
+    async with use_cases(replica, db) as res:
+        server = GrpcServer(res, address)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop(1.0)
 
 
 @contextlib.asynccontextmanager

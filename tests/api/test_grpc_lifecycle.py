@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from typing import TYPE_CHECKING
 
@@ -13,14 +14,13 @@ import pytest
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.app import Resources
+from service.app import use_cases
 from service.client import KipamClient
 from service.errors import Kind, ServerUnavailableError, kind_of
 from service.grpc.server import GrpcServer
-from service.locks import LockManager, advisory_key
+from service.locks import advisory_key
 from service.models import PoolPolicy
 from service.store import Database
-from service.usecases import Kipam
 from tests.api.conftest import serving, until
 from tests.conftest import drop_database, migrated_database
 
@@ -179,7 +179,7 @@ async def test_deadline_while_waiting_leaves_an_answer_for_the_retry(
 async def test_lock_timeout_is_unavailable(db: Database, settings: Settings, clean: None) -> None:
     """A pool lock not granted within the wait is UNAVAILABLE (retryable), nothing written."""
     _ = clean
-    quick = type(settings)(**{**settings.__dict__, "lock_wait_s": 0.2})
+    quick = dataclasses.replace(settings, lock_wait_s=0.2)
     async with serving(db, quick) as server, KipamClient(f"127.0.0.1:{server.port}") as client:
         await client.create_pool("p", cidr="fd00:1::/48", policy=POLICY)
         pool_id = await _count(db, "SELECT id FROM pools WHERE name = 'p'")
@@ -198,33 +198,25 @@ async def test_health_follows_the_database(
     async with migrated_database(server_dsn) as dsn:
         db = await Database.open(dsn, settings)
         try:
-            locks = LockManager(None)
-            await locks.start()
-            kipam = Kipam(db, locks)
-            server = GrpcServer(
-                Resources(settings, db, locks, kipam, "external"),
-                f"127.0.0.1:{free_port()}",
-                probe_s=0.05,
-            )
-            await server.start()
-            try:
-                async with grpc.aio.insecure_channel(server.address) as channel:
-                    stub = health_pb2_grpc.HealthStub(channel)
+            async with use_cases(settings, db) as res:
+                server = GrpcServer(res, f"127.0.0.1:{free_port()}", probe_s=0.05)
+                await server.start()
+                try:
+                    async with grpc.aio.insecure_channel(server.address) as channel:
+                        stub = health_pb2_grpc.HealthStub(channel)
 
-                    async def status() -> int:
-                        answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                        return int(answer.status)
+                        async def status() -> int:
+                            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                            return int(answer.status)
 
-                    assert await status() == health_pb2.HealthCheckResponse.SERVING
-                    await drop_database(server_dsn, dsn)  # the database goes away under it
+                        assert await status() == health_pb2.HealthCheckResponse.SERVING
+                        await drop_database(server_dsn, dsn)  # the database goes away under it
 
-                    async def not_serving() -> bool:
-                        return await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+                        async def not_serving() -> bool:
+                            return await status() == health_pb2.HealthCheckResponse.NOT_SERVING
 
-                    await until(not_serving)
-            finally:
-                await server.stop(1.0)
-                await kipam.close()
-                await locks.close()
+                        await until(not_serving)
+                finally:
+                    await server.stop(1.0)
         finally:
             await db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,11 +10,9 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from service.app import Resources
-from service.locks import LockManager
+from service.app import use_cases
 from service.rest.app import build_http_app
 from service.store import Database
-from service.usecases import Kipam
 from tests.conftest import drop_database, migrated_database
 
 if TYPE_CHECKING:
@@ -157,15 +156,15 @@ async def test_the_schema_ui_loads_without_a_cdn(http: httpx.AsyncClient) -> Non
 async def test_database_down_is_503_and_not_ready(server_dsn: str, settings: Settings) -> None:
     """With its database gone, the API answers 503 problems and /readyz says not ready."""
     async with migrated_database(server_dsn) as dsn:
-        quick = type(settings)(**{**settings.__dict__, "statement_timeout_s": 2.0})
+        quick = dataclasses.replace(settings, statement_timeout_s=2.0)
         db = await Database.open(dsn, quick)
-        locks = LockManager(None)
-        await locks.start()
-        kipam = Kipam(db, locks)
-        app = build_http_app(Resources(quick, db, locks, kipam, "external"))
-        transport = httpx.ASGITransport(app=app)
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://kipam") as http:
+            async with (
+                use_cases(quick, db) as res,
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=build_http_app(res)), base_url="http://kipam"
+                ) as http,
+            ):
                 assert (await http.get("/readyz")).status_code == 200
                 await drop_database(server_dsn, dsn)  # the database goes away under it
                 down = await http.get("/v1/pools")
@@ -175,8 +174,6 @@ async def test_database_down_is_503_and_not_ready(server_dsn: str, settings: Set
                 assert down.json()["kind"] == "unavailable"
                 assert (await http.get("/readyz")).status_code == 503
         finally:
-            await kipam.close()
-            await locks.close()
             await db.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import sys
@@ -268,7 +269,7 @@ async def test_a_connection_left_in_a_transaction_is_rolled_back_on_release(
     settings: Settings, dsn: str
 ) -> None:
     """The pool's cheap reset still rolls back a connection released inside a transaction."""
-    database = await Database.open(dsn, type(settings)(**{**settings.__dict__, "db_pool_max": 1}))
+    database = await Database.open(dsn, dataclasses.replace(settings, db_pool_max=1))
     try:
 
         async def interrupted() -> None:
