@@ -265,7 +265,9 @@ def _check_alignment_bits(alignment_bits: int) -> None:
 # -- the checks ---------------------------------------------------------------------------------
 
 
-def check_node_mask(cluster: Prefix, node_length: int) -> list[Violation]:
+def check_node_mask(
+    cluster: Prefix, node_length: int, *, max_diff: int | None = CLUSTER_SUBNET_MAX_DIFF
+) -> list[Violation]:
     """Check the per-node mask against the cluster prefix it is carved from.
 
     The cluster prefix is what kube-controller-manager calls ``--cluster-cidr`` (kubeadm's
@@ -285,15 +287,21 @@ def check_node_mask(cluster: Prefix, node_length: int) -> list[Violation]:
     configuration, so the 16-bit rule applies to both families here; each violation's
     reference names the upstream that enforces it for that family.
 
+    The 16-bit rule belongs to the slicers (kube-controller-manager's and the Cilium operator's
+    cidrset) and to kubeadm's check, which kubeadm skips when ``allocate-node-cidrs`` is
+    ``"false"``. When something else hands out node prefixes (kipam's own node IPAM writing
+    ``Node.spec.podCIDRs``), pass ``max_diff=None``: only the mask bounds remain.
+
     Args:
         cluster: The prefix node ranges are carved from.
         node_length: The prefix length each node gets.
+        max_diff: The largest allowed difference in bits, or None for no limit.
 
     Returns:
         At most one violation: ``node-mask-shorter-than-cluster``, ``node-mask-too-long`` or
         ``node-mask-diff``.
     """
-    longest = min(cluster.length + CLUSTER_SUBNET_MAX_DIFF, cluster.bits)
+    longest = min(cluster.length + (cluster.bits if max_diff is None else max_diff), cluster.bits)
     if node_length < cluster.length:
         return [
             Violation(
@@ -314,15 +322,15 @@ def check_node_mask(cluster: Prefix, node_length: int) -> list[Violation]:
             )
         ]
     diff = node_length - cluster.length
-    if diff > CLUSTER_SUBNET_MAX_DIFF:
+    if max_diff is not None and diff > max_diff:
         enforcer = "kube-controller-manager" if cluster.version == 6 else "kubeadm"
         return [
             Violation(
                 "node-mask-diff",
                 f"node mask /{node_length} is {diff} bits longer than cluster prefix {cluster}; "
-                f"{enforcer} allows at most {CLUSTER_SUBNET_MAX_DIFF}: use a cluster prefix of "
-                f"/{node_length - CLUSTER_SUBNET_MAX_DIFF} or longer, or a node mask of "
-                f"/{cluster.length + CLUSTER_SUBNET_MAX_DIFF} or shorter.",
+                f"{enforcer} allows at most {max_diff}: use a cluster prefix of "
+                f"/{node_length - max_diff} or longer, or a node mask of "
+                f"/{cluster.length + max_diff} or shorter.",
                 _NODE_MASK_REF_V6 if cluster.version == 6 else _NODE_MASK_REF_V4,
             )
         ]
@@ -582,6 +590,8 @@ class ClusterPlan:
             prefixes are not aligned.
         allow_documentation: Accept documentation ranges (tests and examples).
         legacy_allocator: Whether the legacy 20-bit service range limit applies.
+        max_node_mask_diff: The node mask rule's limit (16, the cidrset's), or None when
+            neither kube-controller-manager nor the Cilium operator slices the pod prefix.
     """
 
     blocks: Sequence[Prefix]
@@ -590,6 +600,7 @@ class ClusterPlan:
     alignment_bits: int = DEFAULT_ALIGNMENT_BITS
     allow_documentation: bool = False
     legacy_allocator: bool = True
+    max_node_mask_diff: int | None = CLUSTER_SUBNET_MAX_DIFF
 
 
 def _check_prefix(plan: ClusterPlan, what: str, prefix: Prefix) -> list[Violation]:
@@ -625,7 +636,7 @@ def _check_inside_blocks(plan: ClusterPlan, role: str, prefix: Prefix) -> list[V
 
 def _check_pod(plan: ClusterPlan, pod: Prefix) -> list[Violation]:
     node_length = plan.node_lengths.get(pod.version, DEFAULT_NODE_LENGTHS[pod.version])
-    violations = check_node_mask(pod, node_length)
+    violations = check_node_mask(pod, node_length, max_diff=plan.max_node_mask_diff)
     if pod.version == 6 and 0 <= node_length <= pod.bits and node_length % plan.alignment_bits != 0:
         violations.append(
             _alignment_violation(

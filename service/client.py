@@ -38,6 +38,7 @@ from service.errors import (
     PermissionDeniedError,
     PoolNotFoundError,
     PreconditionFailedError,
+    ResourceNotFoundError,
     ServerUnavailableError,
     UnauthenticatedError,
 )
@@ -120,6 +121,8 @@ def _with_details(
     if code is grpc.StatusCode.NOT_FOUND and resource is not None:
         if resource.resource_type == "allocation" and resource.resource_name.isdigit():
             return AllocationNotFoundError(int(resource.resource_name))
+        if resource.resource_type != "pool":
+            return ResourceNotFoundError(resource.resource_type, resource.resource_name)
         return PoolNotFoundError(resource.resource_name)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "pool" in md:
         largest = md.get("largest_free")

@@ -47,6 +47,7 @@ __all__ = [
     "PoolNotFoundError",
     "PreconditionFailedError",
     "ReferenceNotFoundError",
+    "ResourceNotFoundError",
     "ServerUnavailableError",
     "ServiceError",
     "Status",
@@ -133,6 +134,15 @@ class AllocationNotFoundError(NotFoundError):
     def __init__(self, allocation_id: int) -> None:
         super().__init__(f"There is no allocation with id {allocation_id}.")
         self.allocation_id = allocation_id
+
+
+class ResourceNotFoundError(NotFoundError):
+    """No cluster, template (or other named resource) of that name."""
+
+    def __init__(self, resource_type: str, name: str) -> None:
+        super().__init__(f"There is no {resource_type} named {name!r}.")
+        self.resource_type = resource_type
+        self.name = name
 
 
 class ReferenceNotFoundError(NotFoundError):

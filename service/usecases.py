@@ -90,13 +90,13 @@ from service.store import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
     from service.locks import LockManager
     from service.models import Change
     from service.store import Database
 
-__all__ = ["Kipam", "parse_selector"]
+__all__ = ["POOL_FROM", "Kipam", "LockedPool", "Session", "parse_selector"]
 
 T = TypeVar("T")
 
@@ -107,6 +107,7 @@ MAX_BATCH: Final = 10_000
 _POOL_FROM: Final = """
     FROM pools p JOIN spaces s ON s.id = p.space_id LEFT JOIN pools pp ON pp.id = p.parent_id
 """
+POOL_FROM: Final = _POOL_FROM
 _ALLOCATION_FROM: Final = "FROM allocations a JOIN pools p ON p.id = a.pool_id"
 _CHANGE_FROM: Final = "FROM changes c"
 # Allocations are partitioned by pool. Questions that do not name the pool go through the
@@ -281,7 +282,27 @@ class _DeleteChild:
     future: asyncio.Future[None]
 
 
-_Job = _Allocate | _Release | _CreateChild | _DeleteChild
+@dataclass(slots=True)
+class _Exclusive:
+    """Work over several pools in one transaction of its own (cluster plans and deletes).
+
+    Served alone, never batched with other jobs: it commits or rolls back whole. ``work``
+    gets a :class:`Session` over the locked pools; a dry run (``commit`` false) rolls back
+    after it and answers what it returned.
+    """
+
+    pool_id: int  # the lane's pick: the first of pool_ids
+    pool_ids: tuple[int, ...]
+    work: Callable[[Session], Awaitable[object]]
+    commit: bool
+    future: asyncio.Future[object]
+
+
+_Job = _Allocate | _Release | _CreateChild | _DeleteChild | _Exclusive
+
+
+def _pools_of(job: _Job) -> tuple[int, ...]:
+    return job.pool_ids if isinstance(job, _Exclusive) else (job.pool_id,)
 
 
 @dataclass(slots=True)
@@ -363,6 +384,13 @@ _FALL_BACK: Final = (
     asyncpg.exceptions.UniqueViolationError,
 )
 _FOREVER: Final = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+LockedPool = _Locked
+
+
+class _DryRunError(Exception):
+    """Raised to roll a dry run back; its answers are already made."""
 
 
 class _CacheWrongError(Exception):
@@ -481,11 +509,22 @@ class _Lane:
 
     async def _serve(self, batch: list[_Job]) -> None:
         """Run one batch; a failure of the whole batch goes to every caller still waiting."""
+        exclusive = [job for job in batch if isinstance(job, _Exclusive)]
+        if exclusive:  # each alone, after the rest
+            rest = [job for job in batch if not isinstance(job, _Exclusive)]
+            for part in [rest] if rest else []:
+                await self._serve(part)
+            for job in exclusive:
+                await self._serve_one([job])
+            return
+        await self._serve_one(batch)
+
+    async def _serve_one(self, batch: list[_Job]) -> None:
         try:
             await self._run(batch)
         except BaseException as exc:
-            error = exc if isinstance(exc, ServiceError) else translate(exc)
-            if not isinstance(exc, ServiceError | asyncpg.PostgresError | OSError):
+            error = exc if isinstance(exc, ServiceError | EngineError) else translate(exc)
+            if not isinstance(exc, ServiceError | EngineError | asyncpg.PostgresError | OSError):
                 _log.exception("lane %s: batch failed", self.number)
             for job in batch:
                 if not job.future.done():
@@ -572,9 +611,10 @@ class _Lane:
 
     async def _transaction(self, batch: list[_Job]) -> None:  # noqa: C901, PLR0912 - the write path in one place
         kipam = self.kipam
-        pool_ids = sorted({job.pool_id for job in batch})
+        pool_ids = sorted({pool_id for job in batch for pool_id in _pools_of(job)})
         results: list[tuple[_Job, object]] = []
         locked: dict[int, _Locked] = {}
+        commit = all(job.commit for job in batch if isinstance(job, _Exclusive))
         async with contextlib.AsyncExitStack() as stack:
             # Always in pool id order, here and in every replica: no deadlocks.
             for pool_id in pool_ids:
@@ -591,7 +631,9 @@ class _Lane:
                 pending: list[tuple[_Allocate, list[object]]] = []
                 for job in batch:
                     pool = locked.get(job.pool_id)
-                    if pool is None:
+                    if isinstance(job, _Exclusive):
+                        results.append((job, await job.work(Session(self, conn, locked))))
+                    elif pool is None:
                         results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
                     elif isinstance(job, _Allocate):
                         pending.append((job, await self._decide(conn, pool, job, write)))
@@ -608,11 +650,16 @@ class _Lane:
                     )
                 for job, decided in pending:
                     results.append((job, _answer(decided, inserted, job.pool_id)))
+                if not commit:
+                    raise _DryRunError
                 await conn.execute("COMMIT")
             except BaseException as exc:
-                for pool_id in pool_ids:  # their decisions were rolled back
+                for pool_id in locked.keys() | set(pool_ids):  # their decisions were undone
                     kipam.engines.discard(pool_id)
                 await _rollback(conn)
+                if isinstance(exc, _DryRunError):
+                    _settle(results)
+                    return
                 if isinstance(exc, asyncpg.exceptions.ExclusionViolationError):
                     raise _CacheWrongError from exc
                 raise
@@ -878,6 +925,160 @@ class _Lane:
         return None
 
 
+class Session:
+    """What an exclusive job's work may do inside its transaction, over locked pools.
+
+    Every write goes through the same statements as the lanes' (history rows, generations),
+    and every pool it creates or changes has its generation bumped once, at commit.
+    """
+
+    def __init__(self, lane: _Lane, conn: asyncpg.Connection, locked: dict[int, _Locked]) -> None:
+        self.conn = conn
+        self._lane = lane
+        self._locked = locked
+
+    def pool(self, pool_id: int) -> _Locked:
+        """A locked pool (with its fresh engine).
+
+        Raises:
+            PoolNotFoundError: it was deleted before its row could be locked.
+        """
+        pool = self._locked.get(pool_id)
+        if pool is None:
+            raise PoolNotFoundError(f"#{pool_id}")
+        return pool
+
+    async def allocate(
+        self, pool: _Locked, prefixes: Sequence[Prefix], owners: Sequence[str], ctx: RequestContext
+    ) -> list[Allocation]:
+        """Write allocations of prefixes the caller took from ``pool.engine``."""
+        write = _Write()
+        for prefix, owner in zip(prefixes, owners, strict=True):
+            write.add(pool, prefix, AllocationRequest(owner=owner), ctx)
+        inserted = await self._lane._insert(self.conn, write, [])  # noqa: SLF001 - same module
+        return [inserted[pool.id, prefix] for prefix in prefixes]
+
+    async def create_pool(  # noqa: PLR0913 - the pool's fields
+        self,
+        *,
+        parent: _Locked,
+        name: str,
+        cidr: Prefix,
+        role: str,
+        policy: PoolPolicy,
+        labels: dict[str, str],
+        ctx: RequestContext,
+    ) -> _Locked:
+        """A child pool on ``cidr``, which the caller took from ``parent.engine``; locked."""
+        (allocation,) = await self.allocate(parent, [cidr], [f"pool/{name}"], ctx)
+        kipam = self._lane.kipam
+        pool_id = await kipam._insert_pool(  # noqa: SLF001 - same module
+            self.conn,
+            name=name,
+            cidr=cidr,
+            role=role,
+            policy=policy,
+            labels=labels,
+            ctx=ctx,
+            idempotency_key=None,
+            parent=(parent.id, allocation.id),
+        )
+        engine = PoolAllocator(cidr, policy.engine_policy())
+        child = _Locked(pool_id, name, cidr, 0, policy, engine)
+        self._locked[pool_id] = child
+        return child
+
+    async def release(self, pool: _Locked, allocation_id: int, ctx: RequestContext) -> Allocation:
+        """Release one allocation as a release request would (quarantine by policy)."""
+        result = await self._lane._release(self.conn, pool, allocation_id, ctx)  # noqa: SLF001
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def release_all(self, pool: _Locked, ctx: RequestContext) -> int:
+        """End every held allocation of a pool at once, quarantines included; their count."""
+        rows = await self.conn.fetch(
+            """
+            WITH upd AS (
+                UPDATE allocations
+                   SET state = 'released', released_at = coalesce(released_at, now()),
+                       reusable_at = least(coalesce(reusable_at, now()), now()),
+                       revision = nextval('kipam_revision')
+                 WHERE pool_id = $1 AND state <> 'released'
+                RETURNING id, prefix, owner, revision
+            ), hist AS (
+                INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
+                                     allocation_id, prefix, owner, actor, request_id, trace_id)
+                SELECT revision, 'allocation.released', $1, $2, $3, id, prefix, owner, $4, $5, $6
+                  FROM upd
+            )
+            SELECT prefix FROM upd
+            """,
+            pool.id,
+            pool.name,
+            pool.next_generation,
+            ctx.actor,
+            ctx.request_id,
+            ctx.trace_id,
+        )
+        for row in rows:
+            pool.engine.release(prefix_from_db(row["prefix"]))
+        pool.changed = pool.changed or bool(rows)
+        return len(rows)
+
+    async def delete_pool(self, pool: _Locked, ctx: RequestContext) -> None:
+        """Mark an emptied pool deleted (its CIDR in the parent is released by the caller)."""
+        await self._lane.kipam._mark_deleted(self.conn, pool.id, pool.name, ctx)  # noqa: SLF001
+        pool.changed = False  # _mark_deleted bumped it; a deleted pool is never written again
+
+    async def reclaim(
+        self, pool: _Locked, allocation_id: int, request: AllocationRequest, ctx: RequestContext
+    ) -> Allocation | None:
+        """Give a quarantined allocation's prefix back to its owner, now; None if gone.
+
+        The quarantined row ends (``released``, with history) and a new active row takes the
+        same prefix for ``request``'s owner and labels.
+        """
+        row = await self.conn.fetchrow(
+            "SELECT prefix FROM allocations WHERE pool_id = $1 AND id = $2"
+            " AND state = 'quarantined' AND owner = $3 FOR UPDATE",
+            pool.id,
+            allocation_id,
+            request.owner,
+        )
+        if row is None:
+            return None
+        prefix = prefix_from_db(row["prefix"])
+        await self.conn.execute(
+            """
+            WITH upd AS (
+                UPDATE allocations SET state = 'released', revision = nextval('kipam_revision'),
+                       reusable_at = least(reusable_at, now())
+                 WHERE pool_id = $1 AND id = $2
+                RETURNING id, prefix, owner, revision
+            )
+            INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
+                                 allocation_id, prefix, owner, actor, request_id, trace_id, data)
+            SELECT revision, 'allocation.released', $1, $3, $4, id, prefix, owner, $5, $6, $7,
+                   '{"reclaimed": true}'
+              FROM upd
+            """,
+            pool.id,
+            allocation_id,
+            pool.name,
+            pool.next_generation,
+            ctx.actor,
+            ctx.request_id,
+            ctx.trace_id,
+        )
+        pool.engine.release(prefix)
+        pool.engine.allocate_prefix(prefix)
+        write = _Write()
+        write.add(pool, prefix, request, ctx)
+        inserted = await self._lane._insert(self.conn, write, [])  # noqa: SLF001
+        return inserted[pool.id, prefix]
+
+
 def _settle(results: list[tuple[_Job, object]]) -> None:
     """Answer each caller still waiting: its result, or its own failure."""
     for job, result in results:
@@ -937,9 +1138,24 @@ class Kipam:
         self.feed = ChangeFeed(db, poll_s=watch_poll_s)
         self._lanes = [_Lane(self, n) for n in range(max(1, lanes))]
         self._pools: dict[str, Pool] = {}
+        from service.cluster_cases import Clusters  # noqa: PLC0415 - it builds on this module
+
+        self.clusters = Clusters(self)
 
     def _submit(self, job: _Job) -> None:
         self._lanes[job.pool_id % len(self._lanes)].submit(job)
+
+    async def exclusive(
+        self, pool_ids: Sequence[int], work: Callable[[Session], Awaitable[T]], *, commit: bool
+    ) -> T:
+        """Run ``work`` in one transaction of its own over the pools' locks and rows.
+
+        Without ``commit`` (a dry run) the transaction is rolled back after ``work`` returns.
+        """
+        ids = tuple(sorted(set(pool_ids)))
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._submit(_Exclusive(ids[0], ids, work, commit, future))
+        return cast("T", await future)
 
     async def close(self) -> None:
         """Wait for queued work to finish (bounded by the callers' own deadlines)."""
@@ -1225,6 +1441,17 @@ class Kipam:
         """
         ctx = ctx or RequestContext()
         pool = await self.get_pool(name)
+        cluster = await self.db.fetchrow(
+            "SELECT k.name FROM clusters k JOIN pools p ON p.id = $1 WHERE k.deleted_at IS NULL"
+            " AND (p.id IN (k.block_pool_id, k.ipv4_block_pool_id)"
+            "      OR p.parent_id IN (k.block_pool_id, k.ipv4_block_pool_id))",
+            pool.id,
+        )
+        if cluster is not None:
+            raise PreconditionFailedError(
+                f"Pool {name} belongs to cluster {cluster['name']}; delete the cluster instead "
+                f"(kipam cluster delete {cluster['name']})."
+            )
         if pool.parent is not None:
             parent = await self.get_pool(pool.parent)
             job = _DeleteChild(parent.id, pool.id, ctx, asyncio.get_running_loop().create_future())

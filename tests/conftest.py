@@ -231,7 +231,8 @@ async def _clean(db: Database) -> None:
     async with db.connection() as conn:
         await conn.execute(
             """
-            TRUNCATE changes, allocations, pools, spaces RESTART IDENTITY CASCADE;
+            TRUNCATE changes, allocations, pools, spaces, clusters, cluster_templates
+                RESTART IDENTITY CASCADE;
             DO $$
             DECLARE part regclass;
             BEGIN  -- each pool's partition goes with it (pool ids start again from 1)

@@ -39,6 +39,7 @@ from service.errors import (
     InvalidRequestError,
     Kind,
     PoolNotFoundError,
+    ResourceNotFoundError,
     kind_of,
 )
 from service.models import make_request_id
@@ -88,6 +89,12 @@ def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
     if isinstance(error, PoolNotFoundError):
         details.append(
             error_details_pb2.ResourceInfo(resource_type="pool", resource_name=error.name)
+        )
+    elif isinstance(error, ResourceNotFoundError):
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type=error.resource_type, resource_name=error.name
+            )
         )
     elif isinstance(error, AllocationNotFoundError):
         details.append(

@@ -1,0 +1,222 @@
+"""Cluster plans over the real database: atomic, idempotent, checked before anything is written."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import pytest
+
+from engine import PoolExhaustedError, parse_prefix
+from engine.errors import PolicyViolationError
+from engine.errors import ClusterCheckError
+from service.clusters import EgressIdentity
+from service.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    PreconditionFailedError,
+    ResourceNotFoundError,
+)
+from service.models import RequestContext
+
+if TYPE_CHECKING:
+    from service.usecases import Kipam
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SITE = "fd3c:9e12:7a00::/40"
+
+
+async def sites(kipam: Kipam, *, ipv4: bool = False) -> None:
+    await kipam.create_pool("site", cidr=SITE)
+    if ipv4:
+        await kipam.create_pool("site4", cidr="10.0.0.0/8")
+
+
+async def counts(kipam: Kipam) -> tuple[int, int, int, int]:
+    row = await kipam.db.fetchrow(
+        "SELECT (SELECT count(*) FROM pools) AS pools, (SELECT count(*) FROM allocations) AS a,"
+        " (SELECT count(*) FROM changes) AS c, (SELECT count(*) FROM clusters) AS k"
+    )
+    assert row is not None
+    return row["pools"], row["a"], row["c"], row["k"]
+
+
+async def test_plan_carves_block_and_five_role_pools(kipam: Kipam) -> None:
+    await sites(kipam)
+    cluster, created = await kipam.clusters.plan("eu1-prod", parent="site")
+    assert created
+    assert cluster.block.name == "eu1-prod"
+    assert cluster.block.cidr == parse_prefix("fd3c:9e12:7a00::/48")
+    assert sorted(cluster.pools) == ["egress", "ingress", "node", "pod", "service"]
+    assert cluster.pools["pod"].name == "eu1-prod/pod"
+    assert cluster.pools["pod"].cidr.length == 52
+    assert cluster.pools["pod"].policy.default_length == 64
+    assert cluster.pools["service"].cidr.length == 112
+    assert cluster.pools["egress"].cidr.length == 120
+    for pool in cluster.pools.values():
+        assert cluster.block.cidr.contains(pool.cidr)
+        assert pool.parent == "eu1-prod"
+    again, created = await kipam.clusters.plan("eu1-prod", parent="site")
+    assert not created
+    assert again.block.cidr == cluster.block.cidr
+    assert (await kipam.clusters.get("eu1-prod")).pools == again.pools
+
+
+async def test_dry_run_shows_exactly_what_would_be_taken(kipam: Kipam) -> None:
+    await sites(kipam)
+    before = await counts(kipam)
+    preview, created = await kipam.clusters.plan("eu1-prod", parent="site", dry_run=True)
+    assert created
+    assert await counts(kipam) == before
+    with pytest.raises(ResourceNotFoundError):
+        await kipam.clusters.get("eu1-prod")
+    real, _ = await kipam.clusters.plan("eu1-prod", parent="site")
+    assert {r: p.cidr for r, p in preview.pools.items()} == {
+        r: p.cidr for r, p in real.pools.items()
+    }
+
+
+async def test_plan_with_other_settings_is_a_conflict(kipam: Kipam) -> None:
+    await sites(kipam)
+    await kipam.clusters.plan("eu1-prod", parent="site")
+    with pytest.raises(AlreadyExistsError, match="node_prefix_length"):
+        await kipam.clusters.plan(
+            "eu1-prod", parent="site", overrides={"node_prefix_length": "60"}
+        )
+
+
+async def test_impossible_plans_are_refused_before_anything_is_written(kipam: Kipam) -> None:
+    await sites(kipam)
+    before = await counts(kipam)
+    with pytest.raises(ClusterCheckError) as caught:
+        await kipam.clusters.plan(
+            "bad",
+            parent="site",
+            template="ipv6-cluster-pool",
+            overrides={"node_prefix_length": "72"},
+        )
+    assert [v.rule for v in caught.value.violations] == ["node-mask-diff"]
+    assert "20 bits longer" in str(caught.value)
+    with pytest.raises(ClusterCheckError) as caught:
+        await kipam.clusters.plan("bad", parent="site", overrides={"service_prefix_length": "104"})
+    assert [v.rule for v in caught.value.violations] == ["service-range-too-large"]
+    with pytest.raises(InvalidRequestError, match="do not fit"):
+        await kipam.clusters.plan("bad", parent="site", overrides={"pod_prefix_length": "48"})
+    with pytest.raises(InvalidRequestError, match="not a cluster setting"):
+        await kipam.clusters.plan("bad", parent="site", overrides={"nodes": "3"})
+    with pytest.raises(PolicyViolationError, match="cannot come from"):
+        await kipam.clusters.plan("bad", parent="site", overrides={"block_prefix_length": "32"})
+    assert await counts(kipam) == before
+    # /80 per node from a /56 is fine when kipam slices the pod prefix
+    dense, _ = await kipam.clusters.plan("dense", parent="site", template="ipv6-dense")
+    assert dense.settings.node_prefix_length == 80
+    # A full site pool: exhausted, and again nothing written.
+    before = await counts(kipam)
+    with pytest.raises(PoolExhaustedError):
+        await kipam.clusters.plan("big", parent="site", overrides={"block_prefix_length": "40"})
+    assert await counts(kipam) == before
+
+
+async def test_dual_stack_and_name_checks(kipam: Kipam) -> None:
+    await sites(kipam, ipv4=True)
+    with pytest.raises(InvalidRequestError, match="IPv4 site pool"):
+        await kipam.clusters.plan("ds", parent="site", template="dual-stack")
+    cluster, _ = await kipam.clusters.plan(
+        "ds", parent="site", parent_ipv4="site4", template="dual-stack"
+    )
+    assert cluster.ipv4_block is not None
+    assert cluster.ipv4_block.name == "ds/ipv4"
+    assert cluster.ipv4_pools["pod"].name == "ds/ipv4/pod"
+    assert [p.version for p in cluster.prefixes("service")] == [6, 4]
+    with pytest.raises(InvalidRequestError):
+        await kipam.clusters.plan("Bad_Name", parent="site")
+
+
+async def test_nodes_are_idempotent_and_quarantined(kipam: Kipam) -> None:
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site")
+    first = await kipam.clusters.allocate_node("c1", "worker-1")
+    assert [a.prefix.length for a in first] == [64]
+    assert await kipam.clusters.allocate_node("c1", "worker-1") == first
+    racing = await asyncio.gather(*(kipam.clusters.allocate_node("c1", "worker-2") for _ in range(8)))
+    assert len({a[0].id for a in racing}) == 1
+    released = await kipam.clusters.release_node("c1", "worker-1")
+    assert [a.state for a in released] == ["quarantined"]
+    assert await kipam.clusters.release_node("c1", "worker-1") == []
+    again = await kipam.clusters.allocate_node("c1", "worker-1")
+    assert again[0].prefix != first[0].prefix  # the old one waits out its quarantine
+
+
+async def test_egress_is_sticky_and_lookup_names_the_identity(kipam: Kipam) -> None:
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site")
+    billing = EgressIdentity("tenant-a", {"app": "billing"})
+    other = EgressIdentity("tenant-a", {"app": "web"})
+    first = await kipam.clusters.allocate_egress("c1", billing)
+    assert first.prefix.length == 128
+    then = dt.datetime.now(dt.UTC)
+    assert await kipam.clusters.allocate_egress("c1", billing) == first
+    web = await kipam.clusters.allocate_egress("c1", other)
+    assert web.prefix != first.prefix
+    await kipam.clusters.release_egress("c1", billing)
+    back = await kipam.clusters.allocate_egress("c1", billing)
+    assert back.prefix == first.prefix
+    assert back.id != first.id
+    address = str(first.prefix).split("/")[0]
+    for at in (then, None):  # who held it then (the first allocation), and now (the second)
+        held = await kipam.lookup(address, at=at)
+        assert held[0].id == (first.id if at else back.id)
+        assert EgressIdentity.of(held[0]) == billing
+        assert held[0].owner == "egress/tenant-a/app=billing"
+
+
+async def test_delete_refuses_while_nodes_hold_prefixes(kipam: Kipam) -> None:
+    await sites(kipam)
+    cluster, _ = await kipam.clusters.plan("c1", parent="site")
+    await kipam.clusters.allocate_node("c1", "worker-1")
+    await kipam.clusters.allocate_service("c1", "default", "web")
+    with pytest.raises(PreconditionFailedError, match="worker-1"):
+        await kipam.clusters.delete("c1")
+    await kipam.clusters.delete("c1", force=True, ctx=RequestContext(actor="ops"))
+    with pytest.raises(ResourceNotFoundError):
+        await kipam.clusters.get("c1")
+    history = await kipam.db.fetch(
+        "SELECT kind FROM changes WHERE actor = 'ops' ORDER BY revision"
+    )
+    kinds = [r["kind"] for r in history]
+    assert kinds[-1] == "cluster.deleted"
+    assert kinds.count("pool.deleted") == 6
+    # The block waits out the site pool's quarantine; a new plan takes the next one.
+    again, _ = await kipam.clusters.plan("c1", parent="site")
+    assert again.block.cidr != cluster.block.cidr
+
+
+async def test_templates_are_stored_and_checked(kipam: Kipam) -> None:
+    await sites(kipam)
+    template, created = await kipam.clusters.create_template(
+        "small", overrides={"pod_prefix_length": "56"}, description="small clusters"
+    )
+    assert created
+    assert template.settings.pod_prefix_length == 56
+    assert (await kipam.clusters.create_template("small", overrides={"pod_prefix_length": "56"}))[
+        1
+    ] is False
+    with pytest.raises(AlreadyExistsError):
+        await kipam.clusters.create_template("small", overrides={"pod_prefix_length": "60"})
+    names = [t.name for t in await kipam.clusters.list_templates()]
+    assert names[:4] == ["ipv6", "ipv6-dense", "ipv6-cluster-pool", "dual-stack"]
+    assert "small" in names
+    cluster, _ = await kipam.clusters.plan("c1", parent="site", template="small")
+    assert cluster.pools["pod"].cidr.length == 56
+    with pytest.raises(ResourceNotFoundError):
+        await kipam.clusters.plan("c2", parent="site", template="nope")
+    await kipam.clusters.delete_template("small")
+
+
+async def test_role_pools_are_not_deleted_on_their_own(kipam: Kipam) -> None:
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site", dry_run=False)
+    with pytest.raises(PreconditionFailedError, match="cluster"):
+        await kipam.delete_pool("c1/egress")
