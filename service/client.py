@@ -46,6 +46,8 @@ from service.grpc import convert
 from service.grpc.errors import DOMAIN
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import allocation_pb2_grpc as apb_grpc
+from service.grpc.gen import cluster_pb2 as cpb
+from service.grpc.gen import cluster_pb2_grpc as cpb_grpc
 from service.grpc.gen import pool_pb2 as ppb
 from service.grpc.gen import pool_pb2_grpc as ppb_grpc
 from service.models import (
@@ -60,9 +62,10 @@ from service.models import (
 
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from engine import Prefix
+    from service.clusters import Cluster, EgressIdentity, Template
 
 __all__ = ["DEFAULT_SERVER", "KipamClient", "error_from_rpc"]
 
@@ -108,7 +111,7 @@ _TRANSIENT: Final = {
 }
 
 
-def _with_details(
+def _with_details(  # noqa: PLR0911 - one answer per status code
     code: grpc.StatusCode,
     message: str,
     info: error_details_pb2.ErrorInfo,
@@ -175,6 +178,7 @@ class KipamClient:
         )
         self._pools = ppb_grpc.PoolServiceStub(self._channel)
         self._allocations = apb_grpc.AllocationServiceStub(self._channel)
+        self._clusters = cpb_grpc.ClusterServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
         return self
@@ -367,6 +371,137 @@ class KipamClient:
             request.at.FromDatetime(at)
         answer = await _call(self._allocations.LookupAddress(request, **self._opts()))
         return [convert.allocation_from_pb(a) for a in answer.allocations]
+
+    # -- clusters -------------------------------------------------------------------------------
+
+    async def plan_cluster(  # noqa: PLR0913 - the plan's fields
+        self,
+        name: str,
+        *,
+        parent: str,
+        parent_ipv4: str | None = None,
+        template: str | None = None,
+        overrides: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+    ) -> tuple[Cluster, bool]:
+        """Plan a cluster; returns it and whether it was planned now."""
+        request = cpb.PlanClusterRequest(
+            name=name,
+            parent_pool=parent,
+            parent_pool_ipv4=parent_ipv4 or "",
+            template=template or "",
+            overrides=dict(overrides or {}),
+            dry_run=dry_run,
+        )
+        answer = await _call(self._clusters.PlanCluster(request, **self._opts()))
+        return convert.cluster_from_pb(answer.cluster), answer.created
+
+    async def get_cluster(self, name: str) -> Cluster:
+        """One cluster by name."""
+        request = cpb.GetClusterRequest(name=name)
+        answer = await _call(self._clusters.GetCluster(request, **self._opts()))
+        return convert.cluster_from_pb(answer.cluster)
+
+    async def list_clusters(self, *, page_size: int = 0, page_token: str = "") -> Page[Cluster]:
+        """One page of clusters by name."""
+        request = cpb.ListClustersRequest(page_size=page_size, page_token=page_token)
+        answer = await _call(self._clusters.ListClusters(request, **self._opts()))
+        return Page(
+            [convert.cluster_from_pb(c) for c in answer.clusters], answer.next_page_token or None
+        )
+
+    async def render_cluster(self, name: str, target: str) -> str:
+        """A cluster's configuration for one target, as YAML."""
+        request = cpb.RenderClusterRequest(name=name, target=target)
+        answer = await _call(self._clusters.RenderCluster(request, **self._opts()))
+        return str(answer.content)
+
+    async def delete_cluster(self, name: str, *, force: bool = False) -> Cluster:
+        """Release everything a cluster holds; returns the cluster as it was."""
+        request = cpb.DeleteClusterRequest(name=name, force=force)
+        answer = await _call(self._clusters.DeleteCluster(request, **self._opts()))
+        return convert.cluster_from_pb(answer.cluster)
+
+    async def allocate_node(self, cluster: str, node: str) -> list[Allocation]:
+        """The node's pod prefixes (IPv6 first), allocated on first call."""
+        request = cpb.AllocateNodePrefixRequest(cluster=cluster, node=node)
+        answer = await _call(self._clusters.AllocateNodePrefix(request, **self._opts()))
+        return [convert.allocation_from_pb(a) for a in answer.allocations]
+
+    async def release_node(self, cluster: str, node: str) -> list[Allocation]:
+        """Release the node's pod prefixes; what was released now."""
+        request = cpb.ReleaseNodePrefixRequest(cluster=cluster, node=node)
+        answer = await _call(self._clusters.ReleaseNodePrefix(request, **self._opts()))
+        return [convert.allocation_from_pb(a) for a in answer.released]
+
+    async def allocate_service(
+        self, cluster: str, namespace: str, service: str, *, ipv4: bool = False
+    ) -> list[Allocation]:
+        """A Service's VIPs (IPv6 first), allocated on first call."""
+        request = cpb.AllocateServiceAddressRequest(
+            cluster=cluster, namespace=namespace, service=service, ipv4=ipv4
+        )
+        answer = await _call(self._clusters.AllocateServiceAddress(request, **self._opts()))
+        return [convert.allocation_from_pb(a) for a in answer.allocations]
+
+    async def release_service(self, cluster: str, namespace: str, service: str) -> list[Allocation]:
+        """Release a Service's VIPs."""
+        request = cpb.ReleaseServiceAddressRequest(
+            cluster=cluster, namespace=namespace, service=service
+        )
+        answer = await _call(self._clusters.ReleaseServiceAddress(request, **self._opts()))
+        return [convert.allocation_from_pb(a) for a in answer.released]
+
+    async def allocate_egress(
+        self, cluster: str, identity: EgressIdentity, *, ipv4: bool = False
+    ) -> Allocation:
+        """An identity's egress address (sticky through quarantine)."""
+        request = cpb.AllocateEgressAddressRequest(
+            cluster=cluster, identity=convert.identity_pb(identity), ipv4=ipv4
+        )
+        answer = await _call(self._clusters.AllocateEgressAddress(request, **self._opts()))
+        return convert.allocation_from_pb(answer.allocation)
+
+    async def release_egress(self, cluster: str, identity: EgressIdentity) -> list[Allocation]:
+        """Release an identity's egress addresses."""
+        request = cpb.ReleaseEgressAddressRequest(
+            cluster=cluster, identity=convert.identity_pb(identity)
+        )
+        answer = await _call(self._clusters.ReleaseEgressAddress(request, **self._opts()))
+        return [convert.allocation_from_pb(a) for a in answer.released]
+
+    async def create_template(
+        self,
+        name: str,
+        *,
+        base: str | None = None,
+        overrides: Mapping[str, str] | None = None,
+        description: str = "",
+    ) -> tuple[Template, bool]:
+        """Store a template; returns it and whether it was created now."""
+        request = cpb.CreateTemplateRequest(
+            name=name, base=base or "", overrides=dict(overrides or {}), description=description
+        )
+        answer = await _call(self._clusters.CreateTemplate(request, **self._opts()))
+        return convert.template_from_pb(answer.template), answer.created
+
+    async def get_template(self, name: str) -> Template:
+        """One template by name."""
+        request = cpb.GetTemplateRequest(name=name)
+        answer = await _call(self._clusters.GetTemplate(request, **self._opts()))
+        return convert.template_from_pb(answer.template)
+
+    async def list_templates(self) -> list[Template]:
+        """Built-in templates, then stored ones."""
+        answer = await _call(
+            self._clusters.ListTemplates(cpb.ListTemplatesRequest(), **self._opts())
+        )
+        return [convert.template_from_pb(t) for t in answer.templates]
+
+    async def delete_template(self, name: str) -> None:
+        """Delete a stored template."""
+        request = cpb.DeleteTemplateRequest(name=name)
+        await _call(self._clusters.DeleteTemplate(request, **self._opts()))
 
     async def history(
         self,

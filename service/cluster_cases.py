@@ -21,9 +21,6 @@ import logging
 import re
 from typing import TYPE_CHECKING, Final
 
-import asyncpg
-
-from engine import Prefix
 from engine.errors import ClusterCheckError
 from service.clusters import (
     BUILTIN_TEMPLATES,
@@ -61,6 +58,9 @@ from service.usecases import POOL_FROM
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    import asyncpg
+
+    from engine import Prefix
     from service.usecases import Kipam, LockedPool, Session
 
 __all__ = ["Clusters"]
@@ -77,7 +77,9 @@ def _check_node(name: object) -> str:
     if (
         not isinstance(name, str)
         or len(name) > _NODE_MAX
-        or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name)
+        or not re.fullmatch(
+            r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name
+        )
     ):
         raise InvalidRequestError(
             f"node {name!r} is not a Kubernetes node name (a DNS-1123 subdomain: lower-case "
@@ -152,7 +154,7 @@ class Clusters:
             raise InvalidRequestError(
                 f"{name!r} is a built-in template; choose another name.", field="name"
             )
-        if not isinstance(description, str) or len(description) > 1024:
+        if len(description) > 1024:
             raise InvalidRequestError(
                 "description must be text of at most 1024 characters.", field="description"
             )
@@ -228,6 +230,39 @@ class Clusters:
         check_cluster_name(name)
         chosen = await self.template(template)
         settings = resolve(chosen.settings, overrides or {})
+        site, site4 = await self._sites(parent, parent_ipv4, settings)
+        existing = await self._replay(name, site, site4, chosen.name, settings)
+        if existing is not None:
+            return existing, False
+
+        async def work(session: Session) -> Cluster:
+            return await self._plan(
+                session,
+                name=name,
+                template=chosen.name,
+                settings=settings,
+                sites=(site, site4),
+                ctx=ctx,
+            )
+
+        pool_ids = [site.id] + ([site4.id] if site4 else [])
+        try:
+            cluster = await self.kipam.exclusive(pool_ids, work, commit=not dry_run)
+        except AlreadyExistsError:
+            again = await self._replay(name, site, site4, chosen.name, settings)
+            if again is None:
+                raise
+            return again, False
+        if dry_run:
+            return cluster, True
+        self.kipam.feed.wake()
+        _log.info("cluster %s planned by %s", name, ctx.actor)
+        return await self.get(name), True  # as committed (generations are bumped at commit)
+
+    async def _sites(
+        self, parent: str, parent_ipv4: str | None, settings: ClusterSettings
+    ) -> tuple[Pool, Pool | None]:
+        """The site pools a plan carves from: IPv6, and IPv4 for dual-stack."""
         site = await self.kipam.get_pool(parent)
         if site.cidr.version != 6:
             raise InvalidRequestError(
@@ -253,25 +288,7 @@ class Clusters:
                 "(set family=dual-stack, or leave it out).",
                 field="parent_pool_ipv4",
             )
-        existing = await self._replay(name, site, site4, chosen.name, settings)
-        if existing is not None:
-            return existing, False
-
-        async def work(session: Session) -> Cluster:
-            return await self._plan(session, name, chosen.name, settings, site, site4, ctx)
-
-        pool_ids = [site.id] + ([site4.id] if site4 else [])
-        try:
-            cluster = await self.kipam.exclusive(pool_ids, work, commit=not dry_run)
-        except AlreadyExistsError:
-            again = await self._replay(name, site, site4, chosen.name, settings)
-            if again is None:
-                raise
-            return again, False
-        if not dry_run:
-            self.kipam.feed.wake()
-            _log.info("cluster %s planned by %s", name, ctx.actor)
-        return cluster, True
+        return site, site4
 
     async def _replay(
         self, name: str, site: Pool, site4: Pool | None, template: str, settings: ClusterSettings
@@ -302,13 +319,14 @@ class Clusters:
     async def _plan(  # noqa: PLR0913 - the plan's parts
         self,
         session: Session,
+        *,
         name: str,
         template: str,
         settings: ClusterSettings,
-        site: Pool,
-        site4: Pool | None,
+        sites: tuple[Pool, Pool | None],
         ctx: RequestContext,
     ) -> Cluster:
+        site, site4 = sites
         parents = [session.pool(site.id)] + ([session.pool(site4.id)] if site4 else [])
         blocks: list[Prefix] = []
         roles: dict[str, list[Prefix]] = {role: [] for role in CLUSTER_ROLES}
@@ -327,15 +345,13 @@ class Clusters:
         block_pools: list[LockedPool] = []
         role_pools: dict[tuple[int, str], LockedPool] = {}
         for parent, block in zip(parents, blocks, strict=True):
-            prefix = "" if block.version == 6 else "/ipv4"
+            suffix = "" if block.version == 6 else "/ipv4"
             block_pool = await session.create_pool(
                 parent=parent,
-                name=f"{name}{prefix}",
+                name=f"{name}{suffix}",
                 cidr=block,
                 role="container",
-                policy=PoolPolicy(
-                    quarantine_seconds=0, allow_documentation=allow_documentation
-                ),
+                policy=PoolPolicy(quarantine_seconds=0, allow_documentation=allow_documentation),
                 labels=labels,
                 ctx=ctx,
             )
@@ -345,10 +361,12 @@ class Clusters:
                 block_pool.engine.allocate_prefix(cidr)
                 role_pools[block.version, role] = await session.create_pool(
                     parent=block_pool,
-                    name=f"{name}{prefix}/{role}",
+                    name=f"{name}{suffix}/{role}",
                     cidr=cidr,
                     role=role,
-                    policy=_role_policy(role, block.version, settings, allow_documentation),
+                    policy=_role_policy(
+                        role, block.version, settings, allow_documentation=allow_documentation
+                    ),
                     labels={**labels, "kipam.io/role": role},
                     ctx=ctx,
                 )
@@ -376,7 +394,11 @@ class Clusters:
             ctx.actor,
             ctx.request_id,
             ctx.trace_id,
-            {"template": template, "settings": settings.to_json(), "blocks": [str(b) for b in blocks]},
+            {
+                "template": template,
+                "settings": settings.to_json(),
+                "blocks": [str(b) for b in blocks],
+            },
         )
         pools = await session.conn.fetch(
             f"SELECT {POOL_COLUMNS} {POOL_FROM} WHERE p.id = ANY($1::bigint[])",
@@ -384,12 +406,12 @@ class Clusters:
         )
         return _cluster(
             name,
-            template,
-            settings,
-            [pool_from_row(r) for r in pools],
-            [b.id for b in block_pools],
-            row["revision"] if row else 0,
-            row["created_at"] if row else None,
+            template=template,
+            settings=settings,
+            pools=[pool_from_row(r) for r in pools],
+            block_ids=[b.id for b in block_pools],
+            revision=row["revision"] if row else 0,
+            created_at=row["created_at"] if row else None,
         )
 
     async def get(self, name: str) -> Cluster:
@@ -419,17 +441,17 @@ class Clusters:
         )
         return _cluster(
             row["name"],
-            row["template"],
-            ClusterSettings.from_json(row["settings"]),
-            [pool_from_row(r) for r in pools],
-            block_ids,
-            row["revision"],
-            row["created_at"],
+            template=row["template"],
+            settings=ClusterSettings.from_json(row["settings"]),
+            pools=[pool_from_row(r) for r in pools],
+            block_ids=block_ids,
+            revision=row["revision"],
+            created_at=row["created_at"],
         )
 
-    async def list(self, *, after: str | None = None, limit: int = 100) -> Page[Cluster]:
+    async def list_clusters(self, *, after: str | None = None, limit: int = 100) -> Page[Cluster]:
         """Live clusters by name; keyset pagination on the name."""
-        if not isinstance(limit, int) or not 1 <= limit <= _MAX_PAGE:
+        if not 1 <= limit <= _MAX_PAGE:
             raise InvalidRequestError(f"limit must be from 1 to {_MAX_PAGE}.", field="limit")
         rows = await self.db.fetch(
             "SELECT name, template, settings, block_pool_id, ipv4_block_pool_id, revision,"
@@ -467,7 +489,10 @@ class Clusters:
             )
             if live is None:
                 raise ResourceNotFoundError("cluster", name)
-            pods = [cluster.pools["pod"], *([cluster.ipv4_pools["pod"]] if cluster.ipv4_pools else [])]
+            pods = [
+                cluster.pools["pod"],
+                *([cluster.ipv4_pools["pod"]] if cluster.ipv4_pools else []),
+            ]
             if not force:
                 holders = await session.conn.fetch(
                     "SELECT DISTINCT owner FROM allocations WHERE pool_id = ANY($1::bigint[])"
@@ -514,9 +539,7 @@ class Clusters:
                 {"force": force},
             )
 
-        await self.kipam.exclusive(
-            [p.id for p in (*parents, *members)], work, commit=True
-        )
+        await self.kipam.exclusive([p.id for p in (*parents, *members)], work, commit=True)
         self.kipam.feed.wake()
         _log.info("cluster %s deleted by %s%s", name, ctx.actor, " (forced)" if force else "")
         return cluster
@@ -533,17 +556,17 @@ class Clusters:
 
     async def egress_holders(self, cluster: Cluster) -> list[tuple[EgressIdentity, Prefix]]:
         """Every identity holding an egress address now, with the address."""
-        pools = [cluster.pools["egress"], *([cluster.ipv4_pools["egress"]] if cluster.ipv4_pools else [])]
+        pools = [
+            cluster.pools["egress"],
+            *([cluster.ipv4_pools["egress"]] if cluster.ipv4_pools else []),
+        ]
         rows = await self.db.fetch(
-            f"SELECT {ALLOCATION_COLUMNS} FROM allocations a JOIN pools p ON p.id = a.pool_id"
+            f"SELECT {ALLOCATION_COLUMNS} FROM allocations a JOIN pools p ON p.id = a.pool_id"  # noqa: S608 - fixed text
             " WHERE a.pool_id = ANY($1::bigint[]) AND a.state = 'active' ORDER BY a.owner, a.id",
             [p.id for p in pools],
         )
-        out = []
-        for row in rows:
-            allocation = allocation_from_row(row)
-            out.append((EgressIdentity.of(allocation), allocation.prefix))
-        return out
+        held = [allocation_from_row(row) for row in rows]
+        return [(EgressIdentity.of(a), a.prefix) for a in held]
 
     # -- what a cluster's controllers hold --------------------------------------------------------
 
@@ -625,7 +648,7 @@ class Clusters:
 
     async def _held(self, pool: Pool, owner: str) -> list[Allocation]:
         rows = await self.db.fetch(
-            f"SELECT {ALLOCATION_COLUMNS} FROM allocations a JOIN pools p ON p.id = a.pool_id"
+            f"SELECT {ALLOCATION_COLUMNS} FROM allocations a JOIN pools p ON p.id = a.pool_id"  # noqa: S608 - fixed text
             " WHERE a.pool_id = $1 AND a.owner = $2 ORDER BY a.id",
             pool.id,
             owner,
@@ -670,12 +693,8 @@ class Clusters:
     async def _let_go(
         self, pools: Sequence[Pool], owner: str, ctx: RequestContext | None
     ) -> list[Allocation]:
-        out = []
-        for pool in pools:
-            for allocation in await self._held(pool, owner):
-                if allocation.state == "active":
-                    out.append(await self.kipam.release(allocation.id, ctx=ctx))
-        return out
+        held = [a for pool in pools for a in await self._held(pool, owner) if a.state == "active"]
+        return [await self.kipam.release(a.id, ctx=ctx) for a in held]
 
 
 def _template(row: asyncpg.Record) -> Template:
@@ -692,7 +711,7 @@ def _difference(a: ClusterSettings, b: ClusterSettings) -> str:
 
 
 def _role_policy(
-    role: str, version: int, settings: ClusterSettings, allow_documentation: bool
+    role: str, version: int, settings: ClusterSettings, *, allow_documentation: bool
 ) -> PoolPolicy:
     bits = 128 if version == 6 else 32
     if role == "pod":
@@ -717,6 +736,7 @@ def _role_policy(
 
 def _cluster(  # noqa: PLR0913 - a row's parts
     name: str,
+    *,
     template: str,
     settings: ClusterSettings,
     pools: Sequence[Pool],
@@ -784,4 +804,3 @@ def _check_identity(identity: EgressIdentity) -> EgressIdentity:
             "The identity's labels are too long together (over 512 characters).", field="labels"
         )
     return EgressIdentity(identity.namespace, labels)
-

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal
 
-from engine import PoolAllocator, Prefix
+from engine import EngineError, PoolAllocator, Prefix
 from engine.cluster import CLUSTER_SUBNET_MAX_DIFF, ClusterPlan, check_cluster
-from engine.errors import Violation
 from service.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
+    from engine.errors import Violation
     from service.models import Allocation, Pool
 
 __all__ = [
@@ -170,6 +170,13 @@ class ClusterSettings:
         """As stored and shown: every setting by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def to_text(self) -> dict[str, str]:
+        """Every setting as text, as overrides take them (``resolve`` reads them back)."""
+        return {
+            k: (str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in self.to_json().items()
+        }
+
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> ClusterSettings:
         """Read stored settings (trusted); settings added since take their defaults."""
@@ -188,9 +195,7 @@ _CHOICES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 )
 _TRUE: Final = ("true", "yes", "on", "1")
 _FALSE: Final = ("false", "no", "off", "0")
-_DNS_DOMAIN: Final = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-)
+_DNS_DOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_KEY: Final = re.compile(
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -198,7 +203,7 @@ _LABEL_KEY: Final = re.compile(
 _LABEL_VALUE: Final = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 
-def _parse(name: str, text: str) -> object:  # noqa: C901 - one branch per kind of setting
+def _parse(name: str, text: str) -> object:  # noqa: C901, PLR0912 - one branch per kind of setting
     """One setting from its text form (overrides arrive as strings)."""
     kind = _FIELDS[name].type
     where = f"overrides.{name}"
@@ -240,8 +245,8 @@ def _parse(name: str, text: str) -> object:  # noqa: C901 - one branch per kind 
         return text
     if name == "egress_gateway_labels":
         for part in text.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+            key, sep, label = part.partition("=")
+            if not sep or not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(label):
                 raise InvalidRequestError(
                     f"egress_gateway_labels must be key=value[,key=value] with Kubernetes label "
                     f"keys and values, not {text!r}.",
@@ -366,10 +371,11 @@ def layout(block: Prefix, settings: ClusterSettings) -> dict[str, Prefix]:
             )
         try:
             out[role] = engine.allocate(length)
-        except Exception as exc:  # noqa: BLE001 - engine errors say why; we say what to change
+        except EngineError as exc:  # it says why; we say what to change
             needed = sum(1 << (block.bits - lengths[r]) for r in CLUSTER_ROLES)
+            family = "IPv4" if block.version == 4 else "IPv6"
             raise InvalidRequestError(
-                f"The roles do not fit in a /{block.length} {'IPv4' if block.version == 4 else 'IPv6'} "
+                f"The roles do not fit in a /{block.length} {family} "
                 f"block: they need {needed:,} addresses, the block holds {block.size:,} "
                 f"({exc}). Use a shorter {prefix}block_prefix_length or longer role lengths.",
                 field=f"overrides.{prefix}block_prefix_length",

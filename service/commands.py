@@ -1,7 +1,7 @@
 """The ``kipam`` commands that talk to a running server over gRPC (:mod:`service.client`).
 
 ``kipam pool create|list|show|usage|delete``, ``kipam allocate``, ``kipam release`` and
-``kipam lookup``: what a cluster bootstrap script needs before cluster plans exist. The
+``kipam lookup``; the cluster commands are in :mod:`service.cluster_commands`. The
 server is ``--server`` or ``KIPAM_SERVER`` (default the local default address). Output is
 ``--output table`` (aligned, for people), ``json`` or ``yaml`` (the REST API's shapes, for
 scripts). Failures are one line on stderr with the exit codes of :mod:`service.cli`.
@@ -19,6 +19,7 @@ import msgspec
 
 from engine import Strategy
 from service.client import DEFAULT_SERVER, KipamClient
+from service.cluster_commands import add_cluster_commands
 from service.errors import InvalidRequestError, ServerUnavailableError
 from service.models import DEFAULT_QUARANTINE_S, PoolPolicy, to_prefix
 from service.rest import text
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from service.models import Allocation, Pool
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "emit"]
 
 _EXAMPLES: Final = """\
 examples:
@@ -52,11 +53,18 @@ def add_commands(commands: Any, run: Callable[[Coroutine[Any, Any, None]], None]
     common.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
 
-    def command(parent: Any, name: str, handler: Callable[..., Awaitable[None]], **kw: Any) -> Any:
+    def command(
+        parent: Any,
+        name: str,
+        handler: Callable[..., Awaitable[None]],
+        *,
+        epilog: str = _EXAMPLES,
+        **kw: Any,
+    ) -> Any:
         sub = parent.add_parser(
             name,
             parents=[common],
-            epilog=_EXAMPLES,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             **kw,
         )
@@ -65,6 +73,7 @@ def add_commands(commands: Any, run: Callable[[Coroutine[Any, Any, None]], None]
 
     _add_pool_commands(commands, command)
     _add_allocation_commands(commands, command)
+    add_cluster_commands(commands, command)
 
 
 def _add_pool_commands(commands: Any, command: Callable[..., Any]) -> None:
@@ -156,7 +165,8 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
-def _emit(args: argparse.Namespace, body: Any, table: str) -> None:
+def emit(args: argparse.Namespace, body: Any, table: str) -> None:
+    """Write ``body`` as ``--output`` says: JSON, YAML, or the aligned ``table``."""
     if args.output == "json":
         sys.stdout.write(msgspec.json.encode(body).decode() + "\n")
     elif args.output == "yaml":
@@ -167,12 +177,12 @@ def _emit(args: argparse.Namespace, body: Any, table: str) -> None:
 
 def _pools(args: argparse.Namespace, pools: list[Pool], *, one: bool = False) -> None:
     out = [PoolOut.from_model(p) for p in pools]
-    _emit(args, out[0] if one else out, text.pools(out))
+    emit(args, out[0] if one else out, text.pools(out))
 
 
 def _allocations(args: argparse.Namespace, items: list[Allocation], *, one: bool) -> None:
     out = [AllocationOut.from_model(a) for a in items]
-    _emit(args, out[0] if one else out, text.allocations(out))
+    emit(args, out[0] if one else out, text.allocations(out))
 
 
 async def _pool_create(client: KipamClient, args: argparse.Namespace) -> None:
@@ -226,7 +236,7 @@ async def _pool_show(client: KipamClient, args: argparse.Namespace) -> None:
 
 async def _pool_usage(client: KipamClient, args: argparse.Namespace) -> None:
     usage = UsageOut.from_model(await client.usage(args.name, length=args.length))
-    _emit(args, usage, text.usage(usage))
+    emit(args, usage, text.usage(usage))
 
 
 async def _pool_delete(client: KipamClient, args: argparse.Namespace) -> None:
@@ -234,7 +244,7 @@ async def _pool_delete(client: KipamClient, args: argparse.Namespace) -> None:
     if args.output == "table":
         sys.stdout.write(f"pool {args.name} deleted\n")
     else:
-        _emit(args, {"deleted": args.name}, "")
+        emit(args, {"deleted": args.name}, "")
 
 
 async def _allocate(client: KipamClient, args: argparse.Namespace) -> None:

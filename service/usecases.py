@@ -511,9 +511,9 @@ class _Lane:
         """Run one batch; a failure of the whole batch goes to every caller still waiting."""
         exclusive = [job for job in batch if isinstance(job, _Exclusive)]
         if exclusive:  # each alone, after the rest
-            rest = [job for job in batch if not isinstance(job, _Exclusive)]
-            for part in [rest] if rest else []:
-                await self._serve(part)
+            rest: list[_Job] = [job for job in batch if not isinstance(job, _Exclusive)]
+            if rest:
+                await self._serve_one(rest)
             for job in exclusive:
                 await self._serve_one([job])
             return
@@ -651,7 +651,7 @@ class _Lane:
                 for job, decided in pending:
                     results.append((job, _answer(decided, inserted, job.pool_id)))
                 if not commit:
-                    raise _DryRunError
+                    raise _DryRunError  # noqa: TRY301 - the rollback below is the one way out
                 await conn.execute("COMMIT")
             except BaseException as exc:
                 for pool_id in locked.keys() | set(pool_ids):  # their decisions were undone

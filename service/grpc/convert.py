@@ -12,8 +12,10 @@ import datetime as dt
 from typing import TYPE_CHECKING, Final, cast
 
 from engine import Strategy, parse_prefix
+from service.clusters import Cluster, ClusterSettings, EgressIdentity, Template, resolve
 from service.errors import InvalidRequestError
 from service.grpc.gen import allocation_pb2 as apb
+from service.grpc.gen import cluster_pb2 as cpb
 from service.grpc.gen import pool_pb2 as ppb
 from service.models import (
     DEFAULT_QUARANTINE_S,
@@ -40,6 +42,10 @@ __all__ = [
     "allocation_request",
     "change_from_pb",
     "change_pb",
+    "cluster_from_pb",
+    "cluster_pb",
+    "identity_from_pb",
+    "identity_pb",
     "policy_from_pb",
     "policy_pb",
     "pool_from_pb",
@@ -48,6 +54,8 @@ __all__ = [
     "role_pb",
     "state_from_pb",
     "state_pb",
+    "template_from_pb",
+    "template_pb",
     "timestamp_from_pb",
     "usage_from_pb",
     "usage_pb",
@@ -76,6 +84,8 @@ _CHANGE_PB: Final = {
     "allocation.created": apb.CHANGE_KIND_ALLOCATION_CREATED,
     "allocation.quarantined": apb.CHANGE_KIND_ALLOCATION_QUARANTINED,
     "allocation.released": apb.CHANGE_KIND_ALLOCATION_RELEASED,
+    "cluster.planned": apb.CHANGE_KIND_CLUSTER_PLANNED,
+    "cluster.deleted": apb.CHANGE_KIND_CLUSTER_DELETED,
 }
 
 
@@ -367,3 +377,77 @@ def change_from_pb(message: apb.Change) -> Change:
         request_id=_text(message.request_id),
         trace_id=_text(message.trace_id),
     )
+
+
+def cluster_pb(cluster: Cluster) -> cpb.Cluster:
+    """A cluster as its message."""
+    dual = cluster.ipv4_block is not None
+    out = cpb.Cluster(
+        name=cluster.name,
+        block=str(cluster.block.cidr),
+        pools={role: pool_pb(p) for role, p in cluster.pools.items()},
+        node_prefix_length=cluster.settings.node_prefix_length,
+        template=cluster.template,
+        settings=cluster.settings.to_text(),
+        ipv4_block=str(cluster.ipv4_block.cidr) if cluster.ipv4_block else "",
+        ipv4_pools={role: pool_pb(p) for role, p in cluster.ipv4_pools.items()},
+        ipv4_node_prefix_length=cluster.settings.ipv4_node_prefix_length if dual else 0,
+        parent_pool=cluster.parent,
+        parent_pool_ipv4=cluster.ipv4_parent or "",
+        revision=cluster.revision,
+        block_pool=pool_pb(cluster.block),
+    )
+    if cluster.ipv4_block is not None:
+        out.ipv4_block_pool.CopyFrom(pool_pb(cluster.ipv4_block))
+    if isinstance(cluster.created_at, dt.datetime):
+        timestamp_pb(cluster.created_at, out.created_at)
+    return out
+
+
+def cluster_from_pb(message: cpb.Cluster) -> Cluster:
+    """A cluster message (from a server) as the service's value."""
+    return Cluster(
+        name=message.name,
+        template=message.template,
+        settings=resolve(ClusterSettings(), dict(message.settings)),
+        block=pool_from_pb(message.block_pool),
+        pools={role: pool_from_pb(p) for role, p in message.pools.items()},
+        parent=message.parent_pool,
+        ipv4_block=pool_from_pb(message.ipv4_block_pool) if message.ipv4_block else None,
+        ipv4_pools={role: pool_from_pb(p) for role, p in message.ipv4_pools.items()},
+        ipv4_parent=_text(message.parent_pool_ipv4),
+        revision=message.revision,
+        created_at=(
+            timestamp_from_pb(message.created_at) if message.HasField("created_at") else None
+        ),
+    )
+
+
+def template_pb(template: Template) -> cpb.Template:
+    """A template as its message."""
+    return cpb.Template(
+        name=template.name,
+        description=template.description,
+        settings=template.settings.to_text(),
+        builtin=template.builtin,
+    )
+
+
+def template_from_pb(message: cpb.Template) -> Template:
+    """A template message as the service's value."""
+    return Template(
+        name=message.name,
+        description=message.description,
+        settings=resolve(ClusterSettings(), dict(message.settings)),
+        builtin=message.builtin,
+    )
+
+
+def identity_pb(identity: EgressIdentity) -> cpb.EgressIdentity:
+    """An application identity as its message."""
+    return cpb.EgressIdentity(namespace=identity.namespace, labels=dict(identity.labels))
+
+
+def identity_from_pb(message: cpb.EgressIdentity) -> EgressIdentity:
+    """An application identity from its message (checked by the use case)."""
+    return EgressIdentity(message.namespace, dict(message.labels))

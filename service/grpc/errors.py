@@ -31,7 +31,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from engine.errors import PoolExhaustedError, PrefixConflictError
+from engine.errors import ClusterCheckError, PoolExhaustedError, PrefixConflictError
 from service.errors import (
     STATUS,
     AllocationNotFoundError,
@@ -66,6 +66,33 @@ def _pack(message: Message) -> any_pb2.Any:
     return out
 
 
+def _resource(error: BaseException) -> error_details_pb2.ResourceInfo | None:
+    """What was not found, for NOT_FOUND errors that know it."""
+    if isinstance(error, PoolNotFoundError):
+        return error_details_pb2.ResourceInfo(resource_type="pool", resource_name=error.name)
+    if isinstance(error, ResourceNotFoundError):
+        return error_details_pb2.ResourceInfo(
+            resource_type=error.resource_type, resource_name=error.name
+        )
+    if isinstance(error, AllocationNotFoundError):
+        return error_details_pb2.ResourceInfo(
+            resource_type="allocation", resource_name=str(error.allocation_id)
+        )
+    return None
+
+
+def _broken_rules(error: ClusterCheckError) -> error_details_pb2.BadRequest:
+    """Each broken Kubernetes/Cilium rule of a cluster plan, as ``rule: message``."""
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field="plan", description=f"{v.rule}: {v.message}"
+            )
+            for v in error.violations
+        ]
+    )
+
+
 def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
     """The status (code, message, details) an error is reported with."""
     kind = kind_of(error)
@@ -86,22 +113,12 @@ def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
                 ]
             )
         )
-    if isinstance(error, PoolNotFoundError):
-        details.append(
-            error_details_pb2.ResourceInfo(resource_type="pool", resource_name=error.name)
-        )
-    elif isinstance(error, ResourceNotFoundError):
-        details.append(
-            error_details_pb2.ResourceInfo(
-                resource_type=error.resource_type, resource_name=error.name
-            )
-        )
-    elif isinstance(error, AllocationNotFoundError):
-        details.append(
-            error_details_pb2.ResourceInfo(
-                resource_type="allocation", resource_name=str(error.allocation_id)
-            )
-        )
+    resource = _resource(error)
+    if resource is not None:
+        details.append(resource)
+    if isinstance(error, ClusterCheckError):
+        metadata["rules"] = ",".join(v.rule for v in error.violations)
+        details.append(_broken_rules(error))
     if isinstance(error, AlreadyExistsError | PrefixConflictError) and error.conflicts:
         metadata["conflicts"] = ",".join(str(c) for c in error.conflicts)
     if isinstance(error, PoolExhaustedError):

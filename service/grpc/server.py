@@ -247,38 +247,147 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
 
 
 class ClusterServicer(cpb_grpc.ClusterServiceServicer):
-    """kipam.v1.ClusterService: answers UNIMPLEMENTED until cluster plans land (issue 6)."""
+    """kipam.v1.ClusterService over the cluster use cases."""
 
-    async def _unimplemented(self, context: Context, rpc: str) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"{rpc} is not available yet: cluster plans come with kipam's cluster-plan "
-            "release. Carve clusters with CreatePool meanwhile.",
-        )
+    def __init__(self, kipam: Kipam) -> None:
+        self.clusters = kipam.clusters
 
     async def PlanCluster(
         self, request: cpb.PlanClusterRequest, context: Context
     ) -> cpb.PlanClusterResponse:
-        await self._unimplemented(context, "PlanCluster")
-        return cpb.PlanClusterResponse()  # pragma: no cover - abort raises
+        cluster, created = await self.clusters.plan(
+            request.name,
+            parent=request.parent_pool,
+            parent_ipv4=request.parent_pool_ipv4 or None,
+            template=request.template or None,
+            overrides=dict(request.overrides),
+            dry_run=request.dry_run,
+            ctx=request_context(context),
+        )
+        return cpb.PlanClusterResponse(cluster=convert.cluster_pb(cluster), created=created)
 
     async def GetCluster(
         self, request: cpb.GetClusterRequest, context: Context
     ) -> cpb.GetClusterResponse:
-        await self._unimplemented(context, "GetCluster")
-        return cpb.GetClusterResponse()  # pragma: no cover
+        cluster = await self.clusters.get(request.name)
+        return cpb.GetClusterResponse(cluster=convert.cluster_pb(cluster))
+
+    async def ListClusters(
+        self, request: cpb.ListClustersRequest, context: Context
+    ) -> cpb.ListClustersResponse:
+        page = await self.clusters.list_clusters(
+            after=request.page_token or None, limit=_page_size(request.page_size)
+        )
+        return cpb.ListClustersResponse(
+            clusters=[convert.cluster_pb(c) for c in page.items],
+            next_page_token=page.next_cursor or "",
+        )
 
     async def RenderCluster(
         self, request: cpb.RenderClusterRequest, context: Context
     ) -> cpb.RenderClusterResponse:
-        await self._unimplemented(context, "RenderCluster")
-        return cpb.RenderClusterResponse()  # pragma: no cover
+        content = await self.clusters.render(request.name, request.target)
+        return cpb.RenderClusterResponse(content=content)
 
     async def DeleteCluster(
         self, request: cpb.DeleteClusterRequest, context: Context
     ) -> cpb.DeleteClusterResponse:
-        await self._unimplemented(context, "DeleteCluster")
-        return cpb.DeleteClusterResponse()  # pragma: no cover
+        cluster = await self.clusters.delete(
+            request.name, force=request.force, ctx=request_context(context)
+        )
+        return cpb.DeleteClusterResponse(cluster=convert.cluster_pb(cluster))
+
+    async def AllocateNodePrefix(
+        self, request: cpb.AllocateNodePrefixRequest, context: Context
+    ) -> cpb.AllocateNodePrefixResponse:
+        held = await self.clusters.allocate_node(
+            request.cluster, request.node, ctx=request_context(context)
+        )
+        return cpb.AllocateNodePrefixResponse(allocations=[convert.allocation_pb(a) for a in held])
+
+    async def ReleaseNodePrefix(
+        self, request: cpb.ReleaseNodePrefixRequest, context: Context
+    ) -> cpb.ReleaseNodePrefixResponse:
+        released = await self.clusters.release_node(
+            request.cluster, request.node, ctx=request_context(context)
+        )
+        return cpb.ReleaseNodePrefixResponse(released=[convert.allocation_pb(a) for a in released])
+
+    async def AllocateServiceAddress(
+        self, request: cpb.AllocateServiceAddressRequest, context: Context
+    ) -> cpb.AllocateServiceAddressResponse:
+        held = await self.clusters.allocate_service(
+            request.cluster,
+            request.namespace,
+            request.service,
+            ipv4=request.ipv4,
+            ctx=request_context(context),
+        )
+        return cpb.AllocateServiceAddressResponse(
+            allocations=[convert.allocation_pb(a) for a in held]
+        )
+
+    async def ReleaseServiceAddress(
+        self, request: cpb.ReleaseServiceAddressRequest, context: Context
+    ) -> cpb.ReleaseServiceAddressResponse:
+        released = await self.clusters.release_service(
+            request.cluster, request.namespace, request.service, ctx=request_context(context)
+        )
+        return cpb.ReleaseServiceAddressResponse(
+            released=[convert.allocation_pb(a) for a in released]
+        )
+
+    async def AllocateEgressAddress(
+        self, request: cpb.AllocateEgressAddressRequest, context: Context
+    ) -> cpb.AllocateEgressAddressResponse:
+        held = await self.clusters.allocate_egress(
+            request.cluster,
+            convert.identity_from_pb(request.identity),
+            ipv4=request.ipv4,
+            ctx=request_context(context),
+        )
+        return cpb.AllocateEgressAddressResponse(allocation=convert.allocation_pb(held))
+
+    async def ReleaseEgressAddress(
+        self, request: cpb.ReleaseEgressAddressRequest, context: Context
+    ) -> cpb.ReleaseEgressAddressResponse:
+        released = await self.clusters.release_egress(
+            request.cluster,
+            convert.identity_from_pb(request.identity),
+            ctx=request_context(context),
+        )
+        return cpb.ReleaseEgressAddressResponse(
+            released=[convert.allocation_pb(a) for a in released]
+        )
+
+    async def CreateTemplate(
+        self, request: cpb.CreateTemplateRequest, context: Context
+    ) -> cpb.CreateTemplateResponse:
+        template, created = await self.clusters.create_template(
+            request.name,
+            base=request.base or None,
+            overrides=dict(request.overrides),
+            description=request.description,
+        )
+        return cpb.CreateTemplateResponse(template=convert.template_pb(template), created=created)
+
+    async def GetTemplate(
+        self, request: cpb.GetTemplateRequest, context: Context
+    ) -> cpb.GetTemplateResponse:
+        template = await self.clusters.template(request.name or None)
+        return cpb.GetTemplateResponse(template=convert.template_pb(template))
+
+    async def ListTemplates(
+        self, request: cpb.ListTemplatesRequest, context: Context
+    ) -> cpb.ListTemplatesResponse:
+        templates = await self.clusters.list_templates()
+        return cpb.ListTemplatesResponse(templates=[convert.template_pb(t) for t in templates])
+
+    async def DeleteTemplate(
+        self, request: cpb.DeleteTemplateRequest, context: Context
+    ) -> cpb.DeleteTemplateResponse:
+        await self.clusters.delete_template(request.name)
+        return cpb.DeleteTemplateResponse()
 
 
 class GrpcServer:
@@ -305,7 +414,7 @@ class GrpcServer:
         )
         ppb_grpc.add_PoolServiceServicer_to_server(PoolServicer(res.kipam), self.server)
         apb_grpc.add_AllocationServiceServicer_to_server(AllocationServicer(res.kipam), self.server)
-        cpb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(), self.server)
+        cpb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(res.kipam), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -21,6 +21,7 @@ from litestar.static_files import create_static_files_router
 
 from service.migrate import status
 from service.rest import problems
+from service.rest.clusters import ClusterController, TemplateController
 from service.rest.paths import PoolPaths, RequestIds
 from service.rest.routes import AllocationController, PoolController, QueryController
 
@@ -107,6 +108,8 @@ def build_http_app(res: Resources) -> ASGIApp:
             PoolController,
             AllocationController,
             QueryController,
+            ClusterController,
+            TemplateController,
             create_static_files_router(
                 path=_UI_ASSETS,
                 directories=[_swagger_ui_assets()],

@@ -23,10 +23,10 @@ from litestar.exceptions import (
 )
 from litestar.response import Response
 
-from engine.errors import PoolExhaustedError, PrefixConflictError
+from engine.errors import ClusterCheckError, PoolExhaustedError, PrefixConflictError
 from service.errors import STATUS, AlreadyExistsError, Kind, kind_of
 from service.rest.paths import original_path
-from service.rest.schemas import Problem
+from service.rest.schemas import Problem, RuleViolation
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -102,6 +102,11 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         extra["field"] = exc.field  # type: ignore[attr-defined]
     if isinstance(exc, AlreadyExistsError | PrefixConflictError) and exc.conflicts:
         extra["conflicts"] = [str(c) for c in exc.conflicts]
+    if isinstance(exc, ClusterCheckError):
+        extra["violations"] = [
+            RuleViolation(rule=v.rule, message=v.message, reference=v.reference)
+            for v in exc.violations
+        ]
     if isinstance(exc, PoolExhaustedError):
         extra.update(pool=str(exc.pool), length=exc.length)
         if exc.largest_free is not None:

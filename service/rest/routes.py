@@ -53,7 +53,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-__all__ = ["AllocationController", "PoolController", "QueryController", "context"]
+__all__ = [
+    "AllocationController",
+    "Limit",
+    "PoolController",
+    "QueryController",
+    "UseCases",
+    "context",
+    "errors",
+    "next_url",
+]
 
 Format = Annotated[
     Literal["json", "text"] | None,
@@ -93,13 +102,13 @@ PoolName = Annotated[
 ]
 
 
-def _errors(*statuses: int) -> dict[int, ResponseSpec]:
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
     """The problem responses an operation may answer (RFC 9457)."""
     described = {
-        404: "No such pool or allocation.",
+        404: "No such pool, allocation, cluster or template.",
         409: "A conflict: the name or prefix is taken, the pool is exhausted, or its state "
         "forbids the change.",
-        422: "Invalid input; `field` names it.",
+        422: "Invalid input; `field` names it (and `violations` each broken cluster rule).",
         503: "The database or a pool lock did not answer in time; retry.",
     }
     return {
@@ -122,7 +131,7 @@ def _wants_text(request: Request[Any, Any, Any], fmt: str | None) -> bool:
     return "text/plain" in accept and "application/json" not in accept
 
 
-def _next(request: Request[Any, Any, Any], cursor: str | None) -> str | None:
+def next_url(request: Request[Any, Any, Any], cursor: str | None) -> str | None:
     """The URL of the next page: this request's query with ``after`` moved on."""
     if cursor is None:
         return None
@@ -161,7 +170,7 @@ class PoolController(Controller):
         "`Idempotency-Key` replays an earlier create.",
         responses={
             200: ResponseSpec(PoolOut, description="An idempotent replay."),
-            **_errors(404, 409, 422),
+            **errors(404, 409, 422),
         },
     )
     async def create_pool(
@@ -190,7 +199,7 @@ class PoolController(Controller):
         operation_id="ListPools",
         summary="List pools",
         description="Live pools by name, filtered; `?format=text` for a table.",
-        responses=_errors(422),
+        responses=errors(422),
     )
     async def list_pools(  # noqa: PLR0913 - the filters
         self,
@@ -216,7 +225,7 @@ class PoolController(Controller):
         )
         body = PoolList(
             items=[PoolOut.from_model(p) for p in page.items],
-            next=_next(request, page.next_cursor),
+            next=next_url(request, page.next_cursor),
         )
         return _listing(request, format, body, lambda b: text.pools(b.items))
 
@@ -224,7 +233,7 @@ class PoolController(Controller):
         "/{name:str}",
         operation_id="GetPool",
         summary="Show a pool",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def get_pool(self, kipam: UseCases, name: PoolName) -> PoolOut:
         return PoolOut.from_model(await kipam.get_pool(_name(name)))
@@ -234,7 +243,7 @@ class PoolController(Controller):
         operation_id="DeletePool",
         summary="Delete a pool",
         description="Refused (409) while it holds prefixes, active or in quarantine.",
-        responses=_errors(404, 409, 422),
+        responses=errors(404, 409, 422),
     )
     async def delete_pool(
         self, kipam: UseCases, request: Request[Any, Any, Any], name: PoolName
@@ -247,7 +256,7 @@ class PoolController(Controller):
         summary="How full a pool is",
         description="From the in-memory engine (no table scan): counts, percentages, the "
         "largest free block; `length` also counts the free prefixes of that length.",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def usage(
         self,
@@ -265,7 +274,7 @@ class PoolController(Controller):
         operation_id="ListAvailablePrefixes",
         summary="Free prefixes",
         description="The first free prefixes of `length` (default: the pool's), in address order.",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def available(
         self,
@@ -286,7 +295,7 @@ class PoolController(Controller):
         "when an idempotency key replays. A dry run answers what would be taken, id 0.",
         responses={
             200: ResponseSpec(AllocationOut, description="An idempotent replay."),
-            **_errors(404, 409, 422),
+            **errors(404, 409, 422),
         },
     )
     async def allocate(
@@ -329,7 +338,7 @@ class PoolController(Controller):
         operation_id="ListPoolAllocations",
         summary="A pool's allocations",
         description="Oldest first, filtered; `?format=text` for a table.",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def pool_allocations(  # noqa: PLR0913 - the filters
         self,
@@ -369,7 +378,7 @@ class AllocationController(Controller):
         operation_id="ListAllocations",
         summary="List allocations",
         description="Across pools, oldest first, filtered; `?format=text` for a table.",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def list_allocations(  # noqa: PLR0913 - the filters
         self,
@@ -401,7 +410,7 @@ class AllocationController(Controller):
         "/{allocation_id:int}",
         operation_id="GetAllocation",
         summary="Show an allocation",
-        responses=_errors(404, 422),
+        responses=errors(404, 422),
     )
     async def get_allocation(self, kipam: UseCases, allocation_id: FromPath[int]) -> AllocationOut:
         return AllocationOut.from_model(await kipam.get_allocation(allocation_id))
@@ -413,7 +422,7 @@ class AllocationController(Controller):
         description="Into quarantine (or released at once if the pool has none); answers the "
         "allocation in its new state. Idempotent.",
         status_code=200,
-        responses=_errors(404, 409, 422),
+        responses=errors(404, 409, 422),
     )
     async def release(
         self, kipam: UseCases, request: Request[Any, Any, Any], allocation_id: FromPath[int]
@@ -433,7 +442,7 @@ class QueryController(Controller):
         summary="Who holds an address",
         description="The allocations holding it now, or at `at` (who held it then), "
         "innermost first, each with its pool and the time range it was held.",
-        responses=_errors(422),
+        responses=errors(422),
     )
     async def lookup(
         self,
@@ -460,7 +469,7 @@ class QueryController(Controller):
         summary="The history",
         description="Changes touching `prefix` (overlapping it) and/or in `pool`, oldest "
         "first, made at or after `since`.",
-        responses=_errors(422),
+        responses=errors(422),
     )
     async def history(  # noqa: PLR0913 - the filters
         self,
@@ -476,7 +485,7 @@ class QueryController(Controller):
         page = await kipam.history(prefix=prefix, pool=pool, since=since, after=after, limit=limit)
         body = ChangeList(
             items=[ChangeOut.from_model(c) for c in page.items],
-            next=_next(request, page.next_cursor),
+            next=next_url(request, page.next_cursor),
         )
         return _listing(request, format, body, lambda b: text.changes(b.items))
 
@@ -490,6 +499,6 @@ async def _allocation_list(
     page = await kipam.list_allocations(**filters)
     body = AllocationList(
         items=[AllocationOut.from_model(a) for a in page.items],
-        next=_next(request, page.next_cursor),
+        next=next_url(request, page.next_cursor),
     )
     return _listing(request, fmt, body, lambda b: text.allocations(b.items))

@@ -6,8 +6,8 @@ them (``to_policy``...); nothing else in the REST layer touches field names.
 
 from __future__ import annotations
 
-import datetime as dt  # noqa: TC003 - msgspec reads the annotations at run time
-from typing import Annotated, Literal
+import datetime as dt
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
@@ -23,12 +23,19 @@ from service.models import (
     to_prefix,
 )
 
+if TYPE_CHECKING:
+    from service.clusters import Cluster, Template
+
 __all__ = [
     "AllocateIn",
     "AllocationList",
     "AllocationOut",
     "ChangeList",
     "ChangeOut",
+    "ClusterIn",
+    "ClusterList",
+    "ClusterOut",
+    "EgressIn",
     "LookupOut",
     "PolicyIn",
     "PolicyOut",
@@ -38,6 +45,10 @@ __all__ = [
     "PrefixList",
     "PrefixRequestIn",
     "Problem",
+    "RuleViolation",
+    "TemplateIn",
+    "TemplateList",
+    "TemplateOut",
     "UsageOut",
 ]
 
@@ -346,6 +357,14 @@ class LookupOut(msgspec.Struct, kw_only=True):
     allocations: list[AllocationOut]
 
 
+class RuleViolation(msgspec.Struct, kw_only=True):
+    """One broken Kubernetes/Cilium rule of a cluster plan."""
+
+    rule: Annotated[str, msgspec.Meta(examples=["node-mask-diff"])]
+    message: str
+    reference: str
+
+
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     """An error, as RFC 9457 problem details (``application/problem+json``)."""
 
@@ -360,4 +379,116 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     pool: str | None = None
     length: int | None = None
     largest_free: str | None = None
+    violations: list[RuleViolation] | None = None
     request_id: str | None = None
+
+
+# -- clusters --------------------------------------------------------------------------------
+
+
+class ClusterIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A cluster to plan.
+
+    Its block comes from ``parent_pool`` (and ``parent_pool_ipv4`` for dual-stack), laid out
+    by ``template`` with ``overrides``.
+    """
+
+    name: Annotated[str, msgspec.Meta(examples=["eu1-prod"], max_length=63)]
+    parent_pool: Annotated[str, msgspec.Meta(examples=["eu1"])]
+    parent_pool_ipv4: str | None = None
+    template: Annotated[str, msgspec.Meta(examples=["ipv6"])] | None = None
+    overrides: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description="Template settings by name, as text.",
+            examples=[{"node_prefix_length": "64", "service_prefix_length": "112"}],
+        ),
+    ] = msgspec.field(default_factory=dict)
+    dry_run: bool = False
+
+
+class ClusterOut(msgspec.Struct, kw_only=True):
+    """A cluster: its blocks, role pools and the settings it was planned with."""
+
+    name: str
+    block: str
+    pools: dict[str, PoolOut]
+    node_prefix_length: int
+    template: str
+    settings: dict[str, str | int | bool]
+    parent_pool: str
+    ipv4_block: str | None
+    ipv4_pools: dict[str, PoolOut]
+    ipv4_node_prefix_length: int | None
+    parent_pool_ipv4: str | None
+    revision: int
+    created_at: dt.datetime | None
+
+    @classmethod
+    def from_model(cls, cluster: Cluster) -> ClusterOut:
+        """From the service's cluster."""
+        dual = cluster.ipv4_block is not None
+        return cls(
+            name=cluster.name,
+            block=str(cluster.block.cidr),
+            pools={role: PoolOut.from_model(p) for role, p in cluster.pools.items()},
+            node_prefix_length=cluster.settings.node_prefix_length,
+            template=cluster.template,
+            settings=cluster.settings.to_json(),  # type: ignore[arg-type]
+            parent_pool=cluster.parent,
+            ipv4_block=str(cluster.ipv4_block.cidr) if cluster.ipv4_block else None,
+            ipv4_pools={role: PoolOut.from_model(p) for role, p in cluster.ipv4_pools.items()},
+            ipv4_node_prefix_length=cluster.settings.ipv4_node_prefix_length if dual else None,
+            parent_pool_ipv4=cluster.ipv4_parent,
+            revision=cluster.revision,
+            created_at=cluster.created_at if isinstance(cluster.created_at, dt.datetime) else None,
+        )
+
+
+class ClusterList(msgspec.Struct, kw_only=True):
+    """One page of clusters; ``next`` is the URL of the next page (null on the last)."""
+
+    items: list[ClusterOut]
+    next: str | None
+
+
+class TemplateIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A template to store: ``base``'s settings (default ``ipv6``) with ``overrides``."""
+
+    name: Annotated[str, msgspec.Meta(examples=["small"], max_length=63)]
+    base: str | None = None
+    overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    description: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class TemplateOut(msgspec.Struct, kw_only=True):
+    """A named set of cluster settings."""
+
+    name: str
+    description: str
+    settings: dict[str, str | int | bool]
+    builtin: bool
+
+    @classmethod
+    def from_model(cls, template: Template) -> TemplateOut:
+        """From the service's template."""
+        return cls(
+            name=template.name,
+            description=template.description,
+            settings=template.settings.to_json(),  # type: ignore[arg-type]
+            builtin=template.builtin,
+        )
+
+
+class TemplateList(msgspec.Struct, kw_only=True):
+    """Every template: built-in ones first."""
+
+    items: list[TemplateOut]
+
+
+class EgressIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An application identity (namespace and pod labels) asking for an egress address."""
+
+    namespace: Annotated[str, msgspec.Meta(examples=["tenant-a"])]
+    labels: Annotated[dict[str, str], msgspec.Meta(examples=[{"app": "billing"}])]
+    ipv4: bool = False

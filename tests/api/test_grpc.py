@@ -278,13 +278,17 @@ async def test_exhausted_names_the_pool_and_largest_free_block(client: KipamClie
     )
 
 
-async def test_cluster_service_is_unimplemented_with_a_message(channel: grpc.aio.Channel) -> None:
-    """ClusterService answers UNIMPLEMENTED, saying why, until cluster plans land."""
+async def test_cluster_service_names_what_is_missing(channel: grpc.aio.Channel) -> None:
+    """A plan from a missing pool, a missing cluster: NOT_FOUND with the resource named."""
     stub = cpb_grpc.ClusterServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.PlanCluster(cpb.PlanClusterRequest(name="c", parent_pool="p"))
-    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "PlanCluster" in (caught.value.details() or "")
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "'p'" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetCluster(cpb.GetClusterRequest(name="c"))
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "There is no cluster named 'c'."
 
 
 async def test_health_is_serving_for_every_service(channel: grpc.aio.Channel) -> None:

@@ -134,10 +134,6 @@ async def test_openapi_and_proto_describe_the_same_operations(http: httpx.AsyncC
     grpc_only = {
         "AllocatePrefixes": "REST posts a batch to the same URL as one prefix (`requests`)",
         "WatchAllocations": "a server stream; REST reads the same history from /v1/history",
-        "PlanCluster": "clusters land with the cluster-plan issue (UNIMPLEMENTED until then)",
-        "GetCluster": "same",
-        "RenderCluster": "same",
-        "DeleteCluster": "same",
     }
     assert rest - rpcs == set(rest_only)
     assert rpcs - rest == set(grpc_only)

@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.slow]
 
 
-def kipam(server: str, *args: str) -> subprocess.CompletedProcess[str]:
+def kipam(server: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run `kipam ARGS --server SERVER`; the environment says nothing of kipam."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")}
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args, "--server", server],
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from engine import PoolExhaustedError, parse_prefix
-from engine.errors import PolicyViolationError
-from engine.errors import ClusterCheckError
+from engine.errors import ClusterCheckError, PolicyViolationError
 from service.clusters import EgressIdentity
 from service.errors import (
     AlreadyExistsError,
@@ -29,12 +28,14 @@ SITE = "fd3c:9e12:7a00::/40"
 
 
 async def sites(kipam: Kipam, *, ipv4: bool = False) -> None:
+    """The site pools clusters are carved from."""
     await kipam.create_pool("site", cidr=SITE)
     if ipv4:
         await kipam.create_pool("site4", cidr="10.0.0.0/8")
 
 
 async def counts(kipam: Kipam) -> tuple[int, int, int, int]:
+    """How many pools, allocations, changes and clusters exist."""
     row = await kipam.db.fetchrow(
         "SELECT (SELECT count(*) FROM pools) AS pools, (SELECT count(*) FROM allocations) AS a,"
         " (SELECT count(*) FROM changes) AS c, (SELECT count(*) FROM clusters) AS k"
@@ -44,6 +45,7 @@ async def counts(kipam: Kipam) -> tuple[int, int, int, int]:
 
 
 async def test_plan_carves_block_and_five_role_pools(kipam: Kipam) -> None:
+    """A /48 block and five role pools inside it; the same plan again is a replay."""
     await sites(kipam)
     cluster, created = await kipam.clusters.plan("eu1-prod", parent="site")
     assert created
@@ -65,6 +67,7 @@ async def test_plan_carves_block_and_five_role_pools(kipam: Kipam) -> None:
 
 
 async def test_dry_run_shows_exactly_what_would_be_taken(kipam: Kipam) -> None:
+    """A dry run writes nothing and shows what the real plan then takes."""
     await sites(kipam)
     before = await counts(kipam)
     preview, created = await kipam.clusters.plan("eu1-prod", parent="site", dry_run=True)
@@ -79,15 +82,15 @@ async def test_dry_run_shows_exactly_what_would_be_taken(kipam: Kipam) -> None:
 
 
 async def test_plan_with_other_settings_is_a_conflict(kipam: Kipam) -> None:
+    """Another plan under a taken name is refused, naming the difference."""
     await sites(kipam)
     await kipam.clusters.plan("eu1-prod", parent="site")
     with pytest.raises(AlreadyExistsError, match="node_prefix_length"):
-        await kipam.clusters.plan(
-            "eu1-prod", parent="site", overrides={"node_prefix_length": "60"}
-        )
+        await kipam.clusters.plan("eu1-prod", parent="site", overrides={"node_prefix_length": "60"})
 
 
 async def test_impossible_plans_are_refused_before_anything_is_written(kipam: Kipam) -> None:
+    """Every kind of impossible plan is refused and leaves no trace."""
     await sites(kipam)
     before = await counts(kipam)
     with pytest.raises(ClusterCheckError) as caught:
@@ -120,6 +123,7 @@ async def test_impossible_plans_are_refused_before_anything_is_written(kipam: Ki
 
 
 async def test_dual_stack_and_name_checks(kipam: Kipam) -> None:
+    """Dual-stack needs an IPv4 site pool; its pools live under <cluster>/ipv4."""
     await sites(kipam, ipv4=True)
     with pytest.raises(InvalidRequestError, match="IPv4 site pool"):
         await kipam.clusters.plan("ds", parent="site", template="dual-stack")
@@ -135,12 +139,15 @@ async def test_dual_stack_and_name_checks(kipam: Kipam) -> None:
 
 
 async def test_nodes_are_idempotent_and_quarantined(kipam: Kipam) -> None:
+    """A node keeps its prefix; racing requests make one; released ones wait."""
     await sites(kipam)
     await kipam.clusters.plan("c1", parent="site")
     first = await kipam.clusters.allocate_node("c1", "worker-1")
     assert [a.prefix.length for a in first] == [64]
     assert await kipam.clusters.allocate_node("c1", "worker-1") == first
-    racing = await asyncio.gather(*(kipam.clusters.allocate_node("c1", "worker-2") for _ in range(8)))
+    racing = await asyncio.gather(
+        *(kipam.clusters.allocate_node("c1", "worker-2") for _ in range(8))
+    )
     assert len({a[0].id for a in racing}) == 1
     released = await kipam.clusters.release_node("c1", "worker-1")
     assert [a.state for a in released] == ["quarantined"]
@@ -150,6 +157,7 @@ async def test_nodes_are_idempotent_and_quarantined(kipam: Kipam) -> None:
 
 
 async def test_egress_is_sticky_and_lookup_names_the_identity(kipam: Kipam) -> None:
+    """An identity gets its egress address back; lookup names who held it when."""
     await sites(kipam)
     await kipam.clusters.plan("c1", parent="site")
     billing = EgressIdentity("tenant-a", {"app": "billing"})
@@ -173,6 +181,7 @@ async def test_egress_is_sticky_and_lookup_names_the_identity(kipam: Kipam) -> N
 
 
 async def test_delete_refuses_while_nodes_hold_prefixes(kipam: Kipam) -> None:
+    """Delete is refused while nodes hold prefixes, then forced; history is kept."""
     await sites(kipam)
     cluster, _ = await kipam.clusters.plan("c1", parent="site")
     await kipam.clusters.allocate_node("c1", "worker-1")
@@ -182,9 +191,7 @@ async def test_delete_refuses_while_nodes_hold_prefixes(kipam: Kipam) -> None:
     await kipam.clusters.delete("c1", force=True, ctx=RequestContext(actor="ops"))
     with pytest.raises(ResourceNotFoundError):
         await kipam.clusters.get("c1")
-    history = await kipam.db.fetch(
-        "SELECT kind FROM changes WHERE actor = 'ops' ORDER BY revision"
-    )
+    history = await kipam.db.fetch("SELECT kind FROM changes WHERE actor = 'ops' ORDER BY revision")
     kinds = [r["kind"] for r in history]
     assert kinds[-1] == "cluster.deleted"
     assert kinds.count("pool.deleted") == 6
@@ -194,6 +201,7 @@ async def test_delete_refuses_while_nodes_hold_prefixes(kipam: Kipam) -> None:
 
 
 async def test_templates_are_stored_and_checked(kipam: Kipam) -> None:
+    """Templates: stored, idempotent, conflicting, listed, used by a plan."""
     await sites(kipam)
     template, created = await kipam.clusters.create_template(
         "small", overrides={"pod_prefix_length": "56"}, description="small clusters"
@@ -216,6 +224,7 @@ async def test_templates_are_stored_and_checked(kipam: Kipam) -> None:
 
 
 async def test_role_pools_are_not_deleted_on_their_own(kipam: Kipam) -> None:
+    """A cluster's pools go only with the cluster."""
     await sites(kipam)
     await kipam.clusters.plan("c1", parent="site", dry_run=False)
     with pytest.raises(PreconditionFailedError, match="cluster"):

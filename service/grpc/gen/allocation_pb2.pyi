@@ -66,6 +66,10 @@ class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind
     """A prefix was released into quarantine."""
     CHANGE_KIND_ALLOCATION_RELEASED: _ChangeKind.ValueType  # 5
     """A prefix was released for good (at once, or at the end of its quarantine)."""
+    CHANGE_KIND_CLUSTER_PLANNED: _ChangeKind.ValueType  # 6
+    """A cluster was planned (on its IPv6 block's pool)."""
+    CHANGE_KIND_CLUSTER_DELETED: _ChangeKind.ValueType  # 7
+    """A cluster was deleted (on its IPv6 block's pool)."""
 
 class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
     """What a change did."""
@@ -82,6 +86,10 @@ CHANGE_KIND_ALLOCATION_QUARANTINED: ChangeKind.ValueType  # 4
 """A prefix was released into quarantine."""
 CHANGE_KIND_ALLOCATION_RELEASED: ChangeKind.ValueType  # 5
 """A prefix was released for good (at once, or at the end of its quarantine)."""
+CHANGE_KIND_CLUSTER_PLANNED: ChangeKind.ValueType  # 6
+"""A cluster was planned (on its IPv6 block's pool)."""
+CHANGE_KIND_CLUSTER_DELETED: ChangeKind.ValueType  # 7
+"""A cluster was deleted (on its IPv6 block's pool)."""
 Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final

@@ -6,7 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from . import allocation_pb2 as _allocation_pb2
 from . import pool_pb2 as _pool_pb2
 import builtins as _builtins
 import sys
@@ -21,7 +23,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Cluster(_message.Message):
-    """A cluster: its block and its role pools."""
+    """A cluster: its blocks, its role pools and the settings it was planned with."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -46,19 +48,103 @@ class Cluster(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Ipv4PoolsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _pool_pb2.Pool: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _pool_pb2.Pool | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     BLOCK_FIELD_NUMBER: _builtins.int
     POOLS_FIELD_NUMBER: _builtins.int
     NODE_PREFIX_LENGTH_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    IPV4_BLOCK_FIELD_NUMBER: _builtins.int
+    IPV4_POOLS_FIELD_NUMBER: _builtins.int
+    IPV4_NODE_PREFIX_LENGTH_FIELD_NUMBER: _builtins.int
+    PARENT_POOL_FIELD_NUMBER: _builtins.int
+    PARENT_POOL_IPV4_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    BLOCK_POOL_FIELD_NUMBER: _builtins.int
+    IPV4_BLOCK_POOL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The cluster's name."""
+    """The cluster's name (a DNS-1123 label)."""
     block: _builtins.str
-    """The cluster's block."""
+    """The cluster's IPv6 block."""
     node_prefix_length: _builtins.int
-    """The prefix length of each node's pod prefix."""
+    """The prefix length of each node's IPv6 pod prefix."""
+    template: _builtins.str
+    """The template the cluster was planned from."""
+    ipv4_block: _builtins.str
+    """The IPv4 block of a dual-stack cluster; empty otherwise."""
+    ipv4_node_prefix_length: _builtins.int
+    """The prefix length of each node's IPv4 pod prefix; 0 for IPv6-only clusters."""
+    parent_pool: _builtins.str
+    """The site pool the IPv6 block was carved from."""
+    parent_pool_ipv4: _builtins.str
+    """The site pool the IPv4 block was carved from; empty for IPv6-only clusters."""
+    revision: _builtins.int
+    """The revision of the plan."""
     @_builtins.property
     def pools(self) -> _containers.MessageMap[_builtins.str, _pool_pb2.Pool]:
-        """The role pools by role: node, pod, service, ingress, egress."""
+        """The IPv6 role pools by role: node, pod, service, ingress, egress."""
+
+    @_builtins.property
+    def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Every setting the cluster was planned with (template plus overrides), as text."""
+
+    @_builtins.property
+    def ipv4_pools(self) -> _containers.MessageMap[_builtins.str, _pool_pb2.Pool]:
+        """The IPv4 role pools of a dual-stack cluster, by role."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was planned (unset in a dry run)."""
+
+    @_builtins.property
+    def block_pool(self) -> _pool_pb2.Pool:
+        """The IPv6 block's own pool (named like the cluster)."""
+
+    @_builtins.property
+    def ipv4_block_pool(self) -> _pool_pb2.Pool:
+        """The IPv4 block's own pool (`<cluster>/ipv4`) of a dual-stack cluster."""
 
     def __init__(
         self,
@@ -67,14 +153,129 @@ class Cluster(_message.Message):
         block: _builtins.str = ...,
         pools: _abc.Mapping[_builtins.str, _pool_pb2.Pool] | None = ...,
         node_prefix_length: _builtins.int = ...,
+        template: _builtins.str = ...,
+        settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ipv4_block: _builtins.str = ...,
+        ipv4_pools: _abc.Mapping[_builtins.str, _pool_pb2.Pool] | None = ...,
+        ipv4_node_prefix_length: _builtins.int = ...,
+        parent_pool: _builtins.str = ...,
+        parent_pool_ipv4: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        block_pool: _pool_pb2.Pool | None = ...,
+        ipv4_block_pool: _pool_pb2.Pool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block_pool", b"block_pool", "created_at", b"created_at", "ipv4_block_pool", b"ipv4_block_pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "name", b"name", "node_prefix_length", b"node_prefix_length", "pools", b"pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "block_pool", b"block_pool", "created_at", b"created_at", "ipv4_block", b"ipv4_block", "ipv4_block_pool", b"ipv4_block_pool", "ipv4_node_prefix_length", b"ipv4_node_prefix_length", "ipv4_pools", b"ipv4_pools", "name", b"name", "node_prefix_length", b"node_prefix_length", "parent_pool", b"parent_pool", "parent_pool_ipv4", b"parent_pool_ipv4", "pools", b"pools", "revision", b"revision", "settings", b"settings", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cluster: _TypeAlias = Cluster  # noqa: Y015
+
+@_typing.final
+class Template(_message.Message):
+    """A named set of cluster settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    BUILTIN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template's name."""
+    description: _builtins.str
+    """What it is for."""
+    builtin: _builtins.bool
+    """Built into kipam (cannot be changed or deleted)."""
+    @_builtins.property
+    def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Every setting, as text."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        builtin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "description", b"description", "name", b"name", "settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Template: _TypeAlias = Template  # noqa: Y015
+
+@_typing.final
+class EgressIdentity(_message.Message):
+    """An application identity, as Cilium selects workloads: a namespace and pod labels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """The pods' namespace."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The pods' labels (at least one)."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressIdentity: _TypeAlias = EgressIdentity  # noqa: Y015
 
 @_typing.final
 class PlanClusterRequest(_message.Message):
@@ -107,17 +308,20 @@ class PlanClusterRequest(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    PARENT_POOL_IPV4_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The cluster's name."""
     parent_pool: _builtins.str
-    """The pool to carve the cluster block from."""
+    """The IPv6 pool to carve the cluster block from."""
     template: _builtins.str
-    """The template to start from; empty means the built-in default."""
+    """The template to start from; empty means the built-in default (`ipv6`)."""
     dry_run: _builtins.bool
-    """Check and decide, write nothing."""
+    """Check and decide, write nothing: the response shows what would be taken."""
+    parent_pool_ipv4: _builtins.str
+    """The IPv4 pool to carve a dual-stack cluster's IPv4 block from."""
     @_builtins.property
     def overrides(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Template values to override, by name (e.g. `node_prefix_length`)."""
+        """Template settings to override, by name (e.g. `node_prefix_length`: "64")."""
 
     def __init__(
         self,
@@ -127,10 +331,11 @@ class PlanClusterRequest(_message.Message):
         template: _builtins.str = ...,
         overrides: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         dry_run: _builtins.bool = ...,
+        parent_pool_ipv4: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "name", b"name", "overrides", b"overrides", "parent_pool", b"parent_pool", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "name", b"name", "overrides", b"overrides", "parent_pool", b"parent_pool", "parent_pool_ipv4", b"parent_pool_ipv4", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,11 +343,14 @@ Global___PlanClusterRequest: _TypeAlias = PlanClusterRequest  # noqa: Y015
 
 @_typing.final
 class PlanClusterResponse(_message.Message):
-    """PlanCluster's response."""
+    """PlanClusterResponse is PlanCluster's response."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CLUSTER_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the same plan already existed (an idempotent replay)."""
     @_builtins.property
     def cluster(self) -> Global___Cluster:
         """The cluster (as it would be, in a dry run)."""
@@ -151,10 +359,11 @@ class PlanClusterResponse(_message.Message):
         self,
         *,
         cluster: Global___Cluster | None = ...,
+        created: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "created", b"created"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -184,7 +393,7 @@ Global___GetClusterRequest: _TypeAlias = GetClusterRequest  # noqa: Y015
 
 @_typing.final
 class GetClusterResponse(_message.Message):
-    """GetCluster's response."""
+    """GetClusterResponse is GetCluster's response."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -205,6 +414,60 @@ class GetClusterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterResponse: _TypeAlias = GetClusterResponse  # noqa: Y015
+
+@_typing.final
+class ListClustersRequest(_message.Message):
+    """ListClusters' request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many clusters (1-1000); 0 means 100."""
+    page_token: _builtins.str
+    """next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClustersRequest: _TypeAlias = ListClustersRequest  # noqa: Y015
+
+@_typing.final
+class ListClustersResponse(_message.Message):
+    """ListClustersResponse is ListClusters' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    @_builtins.property
+    def clusters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cluster]:
+        """One page of clusters, by name."""
+
+    def __init__(
+        self,
+        *,
+        clusters: _abc.Iterable[Global___Cluster] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clusters", b"clusters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClustersResponse: _TypeAlias = ListClustersResponse  # noqa: Y015
 
 @_typing.final
 class RenderClusterRequest(_message.Message):
@@ -234,7 +497,7 @@ Global___RenderClusterRequest: _TypeAlias = RenderClusterRequest  # noqa: Y015
 
 @_typing.final
 class RenderClusterResponse(_message.Message):
-    """RenderCluster's response."""
+    """RenderClusterResponse is RenderCluster's response."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -282,7 +545,481 @@ Global___DeleteClusterRequest: _TypeAlias = DeleteClusterRequest  # noqa: Y015
 
 @_typing.final
 class DeleteClusterResponse(_message.Message):
-    """DeleteCluster's response."""
+    """DeleteClusterResponse is DeleteCluster's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cluster(self) -> Global___Cluster:
+        """The cluster as it was."""
+
+    def __init__(
+        self,
+        *,
+        cluster: Global___Cluster | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteClusterResponse: _TypeAlias = DeleteClusterResponse  # noqa: Y015
+
+@_typing.final
+class AllocateNodePrefixRequest(_message.Message):
+    """AllocateNodePrefix's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    node: _builtins.str
+    """The Kubernetes node's name."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateNodePrefixRequest: _TypeAlias = AllocateNodePrefixRequest  # noqa: Y015
+
+@_typing.final
+class AllocateNodePrefixResponse(_message.Message):
+    """AllocateNodePrefixResponse is AllocateNodePrefix's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]:
+        """The node's pod prefixes, IPv6 first (Node.spec.podCIDRs order)."""
+
+    def __init__(
+        self,
+        *,
+        allocations: _abc.Iterable[_allocation_pb2.Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateNodePrefixResponse: _TypeAlias = AllocateNodePrefixResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseNodePrefixRequest(_message.Message):
+    """ReleaseNodePrefix's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    node: _builtins.str
+    """The Kubernetes node's name."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseNodePrefixRequest: _TypeAlias = ReleaseNodePrefixRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseNodePrefixResponse(_message.Message):
+    """ReleaseNodePrefixResponse is ReleaseNodePrefix's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]:
+        """What was released now; empty if the node held nothing."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[_allocation_pb2.Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseNodePrefixResponse: _TypeAlias = ReleaseNodePrefixResponse  # noqa: Y015
+
+@_typing.final
+class AllocateServiceAddressRequest(_message.Message):
+    """AllocateServiceAddress' request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    IPV4_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    namespace: _builtins.str
+    """The Service's namespace."""
+    service: _builtins.str
+    """The Service's name."""
+    ipv4: _builtins.bool
+    """Also an IPv4 VIP (dual-stack clusters)."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        service: _builtins.str = ...,
+        ipv4: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "ipv4", b"ipv4", "namespace", b"namespace", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateServiceAddressRequest: _TypeAlias = AllocateServiceAddressRequest  # noqa: Y015
+
+@_typing.final
+class AllocateServiceAddressResponse(_message.Message):
+    """AllocateServiceAddressResponse is AllocateServiceAddress' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]:
+        """The Service's VIPs, IPv6 first."""
+
+    def __init__(
+        self,
+        *,
+        allocations: _abc.Iterable[_allocation_pb2.Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateServiceAddressResponse: _TypeAlias = AllocateServiceAddressResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseServiceAddressRequest(_message.Message):
+    """ReleaseServiceAddress' request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    namespace: _builtins.str
+    """The Service's namespace."""
+    service: _builtins.str
+    """The Service's name."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "namespace", b"namespace", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseServiceAddressRequest: _TypeAlias = ReleaseServiceAddressRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseServiceAddressResponse(_message.Message):
+    """ReleaseServiceAddressResponse is ReleaseServiceAddress' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]:
+        """What was released now."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[_allocation_pb2.Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseServiceAddressResponse: _TypeAlias = ReleaseServiceAddressResponse  # noqa: Y015
+
+@_typing.final
+class AllocateEgressAddressRequest(_message.Message):
+    """AllocateEgressAddress' request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    IPV4_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    ipv4: _builtins.bool
+    """An IPv4 address instead of IPv6 (dual-stack clusters)."""
+    @_builtins.property
+    def identity(self) -> Global___EgressIdentity:
+        """Whose address it is."""
+
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        identity: Global___EgressIdentity | None = ...,
+        ipv4: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "identity", b"identity", "ipv4", b"ipv4"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateEgressAddressRequest: _TypeAlias = AllocateEgressAddressRequest  # noqa: Y015
+
+@_typing.final
+class AllocateEgressAddressResponse(_message.Message):
+    """AllocateEgressAddressResponse is AllocateEgressAddress' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def allocation(self) -> _allocation_pb2.Allocation:
+        """The identity's egress address."""
+
+    def __init__(
+        self,
+        *,
+        allocation: _allocation_pb2.Allocation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateEgressAddressResponse: _TypeAlias = AllocateEgressAddressResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseEgressAddressRequest(_message.Message):
+    """ReleaseEgressAddress' request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    """The cluster's name."""
+    @_builtins.property
+    def identity(self) -> Global___EgressIdentity:
+        """Whose addresses to release."""
+
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        identity: Global___EgressIdentity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "identity", b"identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseEgressAddressRequest: _TypeAlias = ReleaseEgressAddressRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseEgressAddressResponse(_message.Message):
+    """ReleaseEgressAddressResponse is ReleaseEgressAddress' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]:
+        """What was released now."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[_allocation_pb2.Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseEgressAddressResponse: _TypeAlias = ReleaseEgressAddressResponse  # noqa: Y015
+
+@_typing.final
+class CreateTemplateRequest(_message.Message):
+    """CreateTemplate's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OverridesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template's name (a DNS-1123 label, not a built-in's)."""
+    base: _builtins.str
+    """The template it starts from; empty means `ipv6`."""
+    description: _builtins.str
+    """What it is for."""
+    @_builtins.property
+    def overrides(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Settings to change, by name."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        base: _builtins.str = ...,
+        overrides: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "description", b"description", "name", b"name", "overrides", b"overrides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTemplateRequest: _TypeAlias = CreateTemplateRequest  # noqa: Y015
+
+@_typing.final
+class CreateTemplateResponse(_message.Message):
+    """CreateTemplateResponse is CreateTemplate's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the same template already existed."""
+    @_builtins.property
+    def template(self) -> Global___Template:
+        """The stored template."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___Template | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTemplateResponse: _TypeAlias = CreateTemplateResponse  # noqa: Y015
+
+@_typing.final
+class GetTemplateRequest(_message.Message):
+    """GetTemplate's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateRequest: _TypeAlias = GetTemplateRequest  # noqa: Y015
+
+@_typing.final
+class GetTemplateResponse(_message.Message):
+    """GetTemplateResponse is GetTemplate's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___Template:
+        """The template."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___Template | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateResponse: _TypeAlias = GetTemplateResponse  # noqa: Y015
+
+@_typing.final
+class ListTemplatesRequest(_message.Message):
+    """ListTemplates' request."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -295,4 +1032,67 @@ class DeleteClusterResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteClusterResponse: _TypeAlias = DeleteClusterResponse  # noqa: Y015
+Global___ListTemplatesRequest: _TypeAlias = ListTemplatesRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplatesResponse(_message.Message):
+    """ListTemplatesResponse is ListTemplates' response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]:
+        """Built-in templates first, then stored ones by name."""
+
+    def __init__(
+        self,
+        *,
+        templates: _abc.Iterable[Global___Template] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["templates", b"templates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplatesResponse: _TypeAlias = ListTemplatesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteTemplateRequest(_message.Message):
+    """DeleteTemplate's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTemplateRequest: _TypeAlias = DeleteTemplateRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTemplateResponse(_message.Message):
+    """DeleteTemplateResponse is DeleteTemplate's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTemplateResponse: _TypeAlias = DeleteTemplateResponse  # noqa: Y015

@@ -28,7 +28,9 @@ if _version_not_supported:
 class ClusterServiceStub:
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     def __init__(self, channel):
@@ -47,6 +49,11 @@ class ClusterServiceStub:
                 request_serializer=kipam_dot_v1_dot_cluster__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=kipam_dot_v1_dot_cluster__pb2.GetClusterResponse.FromString,
                 _registered_method=True)
+        self.ListClusters = channel.unary_unary(
+                '/kipam.v1.ClusterService/ListClusters',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.ListClustersRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.ListClustersResponse.FromString,
+                _registered_method=True)
         self.RenderCluster = channel.unary_unary(
                 '/kipam.v1.ClusterService/RenderCluster',
                 request_serializer=kipam_dot_v1_dot_cluster__pb2.RenderClusterRequest.SerializeToString,
@@ -57,17 +64,70 @@ class ClusterServiceStub:
                 request_serializer=kipam_dot_v1_dot_cluster__pb2.DeleteClusterRequest.SerializeToString,
                 response_deserializer=kipam_dot_v1_dot_cluster__pb2.DeleteClusterResponse.FromString,
                 _registered_method=True)
+        self.AllocateNodePrefix = channel.unary_unary(
+                '/kipam.v1.ClusterService/AllocateNodePrefix',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixResponse.FromString,
+                _registered_method=True)
+        self.ReleaseNodePrefix = channel.unary_unary(
+                '/kipam.v1.ClusterService/ReleaseNodePrefix',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixResponse.FromString,
+                _registered_method=True)
+        self.AllocateServiceAddress = channel.unary_unary(
+                '/kipam.v1.ClusterService/AllocateServiceAddress',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressResponse.FromString,
+                _registered_method=True)
+        self.ReleaseServiceAddress = channel.unary_unary(
+                '/kipam.v1.ClusterService/ReleaseServiceAddress',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressResponse.FromString,
+                _registered_method=True)
+        self.AllocateEgressAddress = channel.unary_unary(
+                '/kipam.v1.ClusterService/AllocateEgressAddress',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressResponse.FromString,
+                _registered_method=True)
+        self.ReleaseEgressAddress = channel.unary_unary(
+                '/kipam.v1.ClusterService/ReleaseEgressAddress',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressResponse.FromString,
+                _registered_method=True)
+        self.CreateTemplate = channel.unary_unary(
+                '/kipam.v1.ClusterService/CreateTemplate',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.CreateTemplateRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.CreateTemplateResponse.FromString,
+                _registered_method=True)
+        self.GetTemplate = channel.unary_unary(
+                '/kipam.v1.ClusterService/GetTemplate',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.GetTemplateRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.GetTemplateResponse.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/kipam.v1.ClusterService/ListTemplates',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.DeleteTemplate = channel.unary_unary(
+                '/kipam.v1.ClusterService/DeleteTemplate',
+                request_serializer=kipam_dot_v1_dot_cluster__pb2.DeleteTemplateRequest.SerializeToString,
+                response_deserializer=kipam_dot_v1_dot_cluster__pb2.DeleteTemplateResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     def PlanCluster(self, request, context):
-        """Allocates a cluster block from a parent pool and creates its five role pools, all or
-        nothing, after checking every Kubernetes and Cilium constraint. Idempotent by name.
+        """Allocates a cluster block from a parent pool (and an IPv4 one for dual-stack) and creates
+        its five role pools per family, all or nothing, after checking every Kubernetes and
+        Cilium constraint. Idempotent by name: the same plan again answers the existing cluster.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +135,13 @@ class ClusterServiceServicer:
 
     def GetCluster(self, request, context):
         """Returns one cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClusters(self, request, context):
+        """Lists clusters by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +155,80 @@ class ClusterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteCluster(self, request, context):
-        """Releases everything a cluster holds; history is kept.
+        """Releases everything a cluster holds and deletes its pools; history is kept. Refused
+        while nodes hold pod prefixes, unless forced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateNodePrefix(self, request, context):
+        """Returns the node's pod prefix per family, allocating it on first call. Idempotent by
+        node name: the same node gets the same prefix until it is released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseNodePrefix(self, request, context):
+        """Releases the node's pod prefixes into the pod pool's quarantine. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateServiceAddress(self, request, context):
+        """Returns a load-balancer VIP per family for a Service, allocating it on first call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseServiceAddress(self, request, context):
+        """Releases a Service's VIPs. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateEgressAddress(self, request, context):
+        """Returns an egress address for an application identity. Sticky: after a release, the
+        same identity gets the same address back while it is in quarantine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseEgressAddress(self, request, context):
+        """Releases an identity's egress addresses (they stay reserved for it during quarantine).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTemplate(self, request, context):
+        """Stores a template: a base template's settings with overrides. Idempotent by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTemplate(self, request, context):
+        """Returns one template (built in or stored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """Lists the built-in templates, then the stored ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTemplate(self, request, context):
+        """Deletes a stored template; clusters planned from it keep their settings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +247,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     request_deserializer=kipam_dot_v1_dot_cluster__pb2.GetClusterRequest.FromString,
                     response_serializer=kipam_dot_v1_dot_cluster__pb2.GetClusterResponse.SerializeToString,
             ),
+            'ListClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClusters,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.ListClustersRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.ListClustersResponse.SerializeToString,
+            ),
             'RenderCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.RenderCluster,
                     request_deserializer=kipam_dot_v1_dot_cluster__pb2.RenderClusterRequest.FromString,
@@ -116,6 +261,56 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.DeleteCluster,
                     request_deserializer=kipam_dot_v1_dot_cluster__pb2.DeleteClusterRequest.FromString,
                     response_serializer=kipam_dot_v1_dot_cluster__pb2.DeleteClusterResponse.SerializeToString,
+            ),
+            'AllocateNodePrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateNodePrefix,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixResponse.SerializeToString,
+            ),
+            'ReleaseNodePrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseNodePrefix,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixResponse.SerializeToString,
+            ),
+            'AllocateServiceAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateServiceAddress,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressResponse.SerializeToString,
+            ),
+            'ReleaseServiceAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseServiceAddress,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressResponse.SerializeToString,
+            ),
+            'AllocateEgressAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateEgressAddress,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressResponse.SerializeToString,
+            ),
+            'ReleaseEgressAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseEgressAddress,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressResponse.SerializeToString,
+            ),
+            'CreateTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTemplate,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.CreateTemplateRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.CreateTemplateResponse.SerializeToString,
+            ),
+            'GetTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplate,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.GetTemplateRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.GetTemplateResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'DeleteTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTemplate,
+                    request_deserializer=kipam_dot_v1_dot_cluster__pb2.DeleteTemplateRequest.FromString,
+                    response_serializer=kipam_dot_v1_dot_cluster__pb2.DeleteTemplateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -128,7 +323,9 @@ def add_ClusterServiceServicer_to_server(servicer, server):
 class ClusterService:
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     @staticmethod
@@ -186,6 +383,33 @@ class ClusterService:
             _registered_method=True)
 
     @staticmethod
+    def ListClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/ListClusters',
+            kipam_dot_v1_dot_cluster__pb2.ListClustersRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.ListClustersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RenderCluster(request,
             target,
             options=(),
@@ -229,6 +453,276 @@ class ClusterService:
             '/kipam.v1.ClusterService/DeleteCluster',
             kipam_dot_v1_dot_cluster__pb2.DeleteClusterRequest.SerializeToString,
             kipam_dot_v1_dot_cluster__pb2.DeleteClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateNodePrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/AllocateNodePrefix',
+            kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.AllocateNodePrefixResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseNodePrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/ReleaseNodePrefix',
+            kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.ReleaseNodePrefixResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateServiceAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/AllocateServiceAddress',
+            kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.AllocateServiceAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseServiceAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/ReleaseServiceAddress',
+            kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.ReleaseServiceAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateEgressAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/AllocateEgressAddress',
+            kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.AllocateEgressAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseEgressAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/ReleaseEgressAddress',
+            kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.ReleaseEgressAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/CreateTemplate',
+            kipam_dot_v1_dot_cluster__pb2.CreateTemplateRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.CreateTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/GetTemplate',
+            kipam_dot_v1_dot_cluster__pb2.GetTemplateRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.GetTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/ListTemplates',
+            kipam_dot_v1_dot_cluster__pb2.ListTemplatesRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kipam.v1.ClusterService/DeleteTemplate',
+            kipam_dot_v1_dot_cluster__pb2.DeleteTemplateRequest.SerializeToString,
+            kipam_dot_v1_dot_cluster__pb2.DeleteTemplateResponse.FromString,
             options,
             channel_credentials,
             insecure,

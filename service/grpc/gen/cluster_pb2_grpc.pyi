@@ -29,7 +29,9 @@ GRPC_VERSION: str
 class ClusterServiceStub:
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     @_typing.overload
@@ -37,39 +39,101 @@ class ClusterServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ClusterServiceAsyncStub: ...
     PlanCluster: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.PlanClusterRequest, _cluster_pb2.PlanClusterResponse]
-    """Allocates a cluster block from a parent pool and creates its five role pools, all or
-    nothing, after checking every Kubernetes and Cilium constraint. Idempotent by name.
+    """Allocates a cluster block from a parent pool (and an IPv4 one for dual-stack) and creates
+    its five role pools per family, all or nothing, after checking every Kubernetes and
+    Cilium constraint. Idempotent by name: the same plan again answers the existing cluster.
     """
     GetCluster: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.GetClusterRequest, _cluster_pb2.GetClusterResponse]
     """Returns one cluster."""
+    ListClusters: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ListClustersRequest, _cluster_pb2.ListClustersResponse]
+    """Lists clusters by name."""
     RenderCluster: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.RenderClusterRequest, _cluster_pb2.RenderClusterResponse]
     """Renders a cluster's configuration for one target, as YAML."""
     DeleteCluster: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.DeleteClusterRequest, _cluster_pb2.DeleteClusterResponse]
-    """Releases everything a cluster holds; history is kept."""
+    """Releases everything a cluster holds and deletes its pools; history is kept. Refused
+    while nodes hold pod prefixes, unless forced.
+    """
+    AllocateNodePrefix: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.AllocateNodePrefixRequest, _cluster_pb2.AllocateNodePrefixResponse]
+    """Returns the node's pod prefix per family, allocating it on first call. Idempotent by
+    node name: the same node gets the same prefix until it is released.
+    """
+    ReleaseNodePrefix: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseNodePrefixRequest, _cluster_pb2.ReleaseNodePrefixResponse]
+    """Releases the node's pod prefixes into the pod pool's quarantine. Idempotent."""
+    AllocateServiceAddress: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.AllocateServiceAddressRequest, _cluster_pb2.AllocateServiceAddressResponse]
+    """Returns a load-balancer VIP per family for a Service, allocating it on first call."""
+    ReleaseServiceAddress: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseServiceAddressRequest, _cluster_pb2.ReleaseServiceAddressResponse]
+    """Releases a Service's VIPs. Idempotent."""
+    AllocateEgressAddress: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.AllocateEgressAddressRequest, _cluster_pb2.AllocateEgressAddressResponse]
+    """Returns an egress address for an application identity. Sticky: after a release, the
+    same identity gets the same address back while it is in quarantine.
+    """
+    ReleaseEgressAddress: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseEgressAddressRequest, _cluster_pb2.ReleaseEgressAddressResponse]
+    """Releases an identity's egress addresses (they stay reserved for it during quarantine)."""
+    CreateTemplate: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.CreateTemplateRequest, _cluster_pb2.CreateTemplateResponse]
+    """Stores a template: a base template's settings with overrides. Idempotent by name."""
+    GetTemplate: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.GetTemplateRequest, _cluster_pb2.GetTemplateResponse]
+    """Returns one template (built in or stored)."""
+    ListTemplates: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ListTemplatesRequest, _cluster_pb2.ListTemplatesResponse]
+    """Lists the built-in templates, then the stored ones."""
+    DeleteTemplate: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.DeleteTemplateRequest, _cluster_pb2.DeleteTemplateResponse]
+    """Deletes a stored template; clusters planned from it keep their settings."""
 
 @_typing.type_check_only
 class ClusterServiceAsyncStub(ClusterServiceStub):
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PlanCluster: _aio.UnaryUnaryMultiCallable[_cluster_pb2.PlanClusterRequest, _cluster_pb2.PlanClusterResponse]  # type: ignore[assignment]
-    """Allocates a cluster block from a parent pool and creates its five role pools, all or
-    nothing, after checking every Kubernetes and Cilium constraint. Idempotent by name.
+    """Allocates a cluster block from a parent pool (and an IPv4 one for dual-stack) and creates
+    its five role pools per family, all or nothing, after checking every Kubernetes and
+    Cilium constraint. Idempotent by name: the same plan again answers the existing cluster.
     """
     GetCluster: _aio.UnaryUnaryMultiCallable[_cluster_pb2.GetClusterRequest, _cluster_pb2.GetClusterResponse]  # type: ignore[assignment]
     """Returns one cluster."""
+    ListClusters: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ListClustersRequest, _cluster_pb2.ListClustersResponse]  # type: ignore[assignment]
+    """Lists clusters by name."""
     RenderCluster: _aio.UnaryUnaryMultiCallable[_cluster_pb2.RenderClusterRequest, _cluster_pb2.RenderClusterResponse]  # type: ignore[assignment]
     """Renders a cluster's configuration for one target, as YAML."""
     DeleteCluster: _aio.UnaryUnaryMultiCallable[_cluster_pb2.DeleteClusterRequest, _cluster_pb2.DeleteClusterResponse]  # type: ignore[assignment]
-    """Releases everything a cluster holds; history is kept."""
+    """Releases everything a cluster holds and deletes its pools; history is kept. Refused
+    while nodes hold pod prefixes, unless forced.
+    """
+    AllocateNodePrefix: _aio.UnaryUnaryMultiCallable[_cluster_pb2.AllocateNodePrefixRequest, _cluster_pb2.AllocateNodePrefixResponse]  # type: ignore[assignment]
+    """Returns the node's pod prefix per family, allocating it on first call. Idempotent by
+    node name: the same node gets the same prefix until it is released.
+    """
+    ReleaseNodePrefix: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseNodePrefixRequest, _cluster_pb2.ReleaseNodePrefixResponse]  # type: ignore[assignment]
+    """Releases the node's pod prefixes into the pod pool's quarantine. Idempotent."""
+    AllocateServiceAddress: _aio.UnaryUnaryMultiCallable[_cluster_pb2.AllocateServiceAddressRequest, _cluster_pb2.AllocateServiceAddressResponse]  # type: ignore[assignment]
+    """Returns a load-balancer VIP per family for a Service, allocating it on first call."""
+    ReleaseServiceAddress: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseServiceAddressRequest, _cluster_pb2.ReleaseServiceAddressResponse]  # type: ignore[assignment]
+    """Releases a Service's VIPs. Idempotent."""
+    AllocateEgressAddress: _aio.UnaryUnaryMultiCallable[_cluster_pb2.AllocateEgressAddressRequest, _cluster_pb2.AllocateEgressAddressResponse]  # type: ignore[assignment]
+    """Returns an egress address for an application identity. Sticky: after a release, the
+    same identity gets the same address back while it is in quarantine.
+    """
+    ReleaseEgressAddress: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ReleaseEgressAddressRequest, _cluster_pb2.ReleaseEgressAddressResponse]  # type: ignore[assignment]
+    """Releases an identity's egress addresses (they stay reserved for it during quarantine)."""
+    CreateTemplate: _aio.UnaryUnaryMultiCallable[_cluster_pb2.CreateTemplateRequest, _cluster_pb2.CreateTemplateResponse]  # type: ignore[assignment]
+    """Stores a template: a base template's settings with overrides. Idempotent by name."""
+    GetTemplate: _aio.UnaryUnaryMultiCallable[_cluster_pb2.GetTemplateRequest, _cluster_pb2.GetTemplateResponse]  # type: ignore[assignment]
+    """Returns one template (built in or stored)."""
+    ListTemplates: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ListTemplatesRequest, _cluster_pb2.ListTemplatesResponse]  # type: ignore[assignment]
+    """Lists the built-in templates, then the stored ones."""
+    DeleteTemplate: _aio.UnaryUnaryMultiCallable[_cluster_pb2.DeleteTemplateRequest, _cluster_pb2.DeleteTemplateResponse]  # type: ignore[assignment]
+    """Deletes a stored template; clusters planned from it keep their settings."""
 
 class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     """Clusters: one Kubernetes cluster's block carved into its five role pools (node, pod,
     service, ingress, egress), planned in one transaction and rendered as bootstrap
-    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects).
+    configuration (kubeadm, kube-controller-manager flags, Cilium Helm values and objects),
+    and what the cluster's controllers hold in them: a pod prefix per node, VIPs per Service,
+    egress addresses per application identity.
     """
 
     @_abc_1.abstractmethod
@@ -78,8 +142,9 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cluster_pb2.PlanClusterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.PlanClusterResponse, _abc.Awaitable[_cluster_pb2.PlanClusterResponse]]:
-        """Allocates a cluster block from a parent pool and creates its five role pools, all or
-        nothing, after checking every Kubernetes and Cilium constraint. Idempotent by name.
+        """Allocates a cluster block from a parent pool (and an IPv4 one for dual-stack) and creates
+        its five role pools per family, all or nothing, after checking every Kubernetes and
+        Cilium constraint. Idempotent by name: the same plan again answers the existing cluster.
         """
 
     @_abc_1.abstractmethod
@@ -89,6 +154,14 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.GetClusterResponse, _abc.Awaitable[_cluster_pb2.GetClusterResponse]]:
         """Returns one cluster."""
+
+    @_abc_1.abstractmethod
+    def ListClusters(
+        self,
+        request: _cluster_pb2.ListClustersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ListClustersResponse, _abc.Awaitable[_cluster_pb2.ListClustersResponse]]:
+        """Lists clusters by name."""
 
     @_abc_1.abstractmethod
     def RenderCluster(
@@ -104,6 +177,92 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cluster_pb2.DeleteClusterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.DeleteClusterResponse, _abc.Awaitable[_cluster_pb2.DeleteClusterResponse]]:
-        """Releases everything a cluster holds; history is kept."""
+        """Releases everything a cluster holds and deletes its pools; history is kept. Refused
+        while nodes hold pod prefixes, unless forced.
+        """
+
+    @_abc_1.abstractmethod
+    def AllocateNodePrefix(
+        self,
+        request: _cluster_pb2.AllocateNodePrefixRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.AllocateNodePrefixResponse, _abc.Awaitable[_cluster_pb2.AllocateNodePrefixResponse]]:
+        """Returns the node's pod prefix per family, allocating it on first call. Idempotent by
+        node name: the same node gets the same prefix until it is released.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseNodePrefix(
+        self,
+        request: _cluster_pb2.ReleaseNodePrefixRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ReleaseNodePrefixResponse, _abc.Awaitable[_cluster_pb2.ReleaseNodePrefixResponse]]:
+        """Releases the node's pod prefixes into the pod pool's quarantine. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def AllocateServiceAddress(
+        self,
+        request: _cluster_pb2.AllocateServiceAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.AllocateServiceAddressResponse, _abc.Awaitable[_cluster_pb2.AllocateServiceAddressResponse]]:
+        """Returns a load-balancer VIP per family for a Service, allocating it on first call."""
+
+    @_abc_1.abstractmethod
+    def ReleaseServiceAddress(
+        self,
+        request: _cluster_pb2.ReleaseServiceAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ReleaseServiceAddressResponse, _abc.Awaitable[_cluster_pb2.ReleaseServiceAddressResponse]]:
+        """Releases a Service's VIPs. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def AllocateEgressAddress(
+        self,
+        request: _cluster_pb2.AllocateEgressAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.AllocateEgressAddressResponse, _abc.Awaitable[_cluster_pb2.AllocateEgressAddressResponse]]:
+        """Returns an egress address for an application identity. Sticky: after a release, the
+        same identity gets the same address back while it is in quarantine.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseEgressAddress(
+        self,
+        request: _cluster_pb2.ReleaseEgressAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ReleaseEgressAddressResponse, _abc.Awaitable[_cluster_pb2.ReleaseEgressAddressResponse]]:
+        """Releases an identity's egress addresses (they stay reserved for it during quarantine)."""
+
+    @_abc_1.abstractmethod
+    def CreateTemplate(
+        self,
+        request: _cluster_pb2.CreateTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.CreateTemplateResponse, _abc.Awaitable[_cluster_pb2.CreateTemplateResponse]]:
+        """Stores a template: a base template's settings with overrides. Idempotent by name."""
+
+    @_abc_1.abstractmethod
+    def GetTemplate(
+        self,
+        request: _cluster_pb2.GetTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.GetTemplateResponse, _abc.Awaitable[_cluster_pb2.GetTemplateResponse]]:
+        """Returns one template (built in or stored)."""
+
+    @_abc_1.abstractmethod
+    def ListTemplates(
+        self,
+        request: _cluster_pb2.ListTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ListTemplatesResponse, _abc.Awaitable[_cluster_pb2.ListTemplatesResponse]]:
+        """Lists the built-in templates, then the stored ones."""
+
+    @_abc_1.abstractmethod
+    def DeleteTemplate(
+        self,
+        request: _cluster_pb2.DeleteTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.DeleteTemplateResponse, _abc.Awaitable[_cluster_pb2.DeleteTemplateResponse]]:
+        """Deletes a stored template; clusters planned from it keep their settings."""
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
