@@ -22,6 +22,7 @@ import re
 from typing import TYPE_CHECKING, Final
 
 from engine.errors import ClusterCheckError
+from service import render as renderer
 from service.clusters import (
     BUILTIN_TEMPLATES,
     CLUSTER_ROLES,
@@ -546,8 +547,6 @@ class Clusters:
 
     async def render(self, name: str, target: str) -> str:
         """The cluster's configuration for one target (:data:`service.render.TARGETS`)."""
-        from service import render as renderer  # noqa: PLC0415 - TODO top level
-
         cluster = await self.get(name)
         if target not in renderer.TARGETS:
             renderer.render(cluster, target)  # raises the listing error

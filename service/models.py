@@ -295,8 +295,10 @@ class Change:
     """One entry of the history, as the change feed delivers it.
 
     ``kind`` is one of ``pool.created``, ``pool.deleted``, ``allocation.created``,
-    ``allocation.quarantined``, ``allocation.released``; ``prefix`` is the pool's CIDR for
-    pool changes; ``allocation_id`` and ``owner`` are None for them.
+    ``allocation.quarantined``, ``allocation.released``, ``cluster.planned``,
+    ``cluster.deleted``; ``prefix`` is the pool's CIDR for pool changes (the IPv6 block for
+    cluster changes, recorded on the block's pool); ``allocation_id`` and ``owner`` are None
+    for them.
     """
 
     revision: int

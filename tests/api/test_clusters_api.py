@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -10,7 +10,7 @@ import yaml
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.clusters import EgressIdentity
+from service.clusters import BUILTIN_TEMPLATES, EgressIdentity
 from service.errors import (
     AlreadyExistsError,
     InvalidRequestError,
@@ -219,3 +219,110 @@ async def test_templates_over_rest(http: httpx.AsyncClient) -> None:
     assert (await http.get("/v1/templates/tunnel")).json() == made.json()
     assert (await http.delete("/v1/templates/tunnel")).status_code == 204
     assert (await http.get("/v1/templates/tunnel")).status_code == 404
+
+
+MALFORMED_CLUSTER = [
+    pytest.param("PlanCluster", cpb.PlanClusterRequest(), id="plan-empty"),
+    pytest.param(
+        "PlanCluster", cpb.PlanClusterRequest(name="Bad/Name", parent_pool="site"), id="plan-name"
+    ),
+    pytest.param(
+        "PlanCluster",
+        cpb.PlanClusterRequest(name="c2", parent_pool="site", overrides={"pods": "1"}),
+        id="plan-unknown-setting",
+    ),
+    pytest.param(
+        "PlanCluster",
+        cpb.PlanClusterRequest(
+            name="c2", parent_pool="site", overrides={"node_prefix_length": "'; DROP TABLE"}
+        ),
+        id="plan-injection-value",
+    ),
+    pytest.param(
+        "PlanCluster",
+        cpb.PlanClusterRequest(name="c2", parent_pool="site", overrides={"family": "dual-stack"}),
+        id="plan-dual-without-ipv4",
+    ),
+    pytest.param(
+        "PlanCluster",
+        cpb.PlanClusterRequest(name="c2", parent_pool="site", parent_pool_ipv4="site"),
+        id="plan-ipv4-parent-on-ipv6-only",
+    ),
+    pytest.param(
+        "PlanCluster",
+        cpb.PlanClusterRequest(
+            name="c2", parent_pool="site", overrides={"egress_prefix_length": "44"}
+        ),
+        id="plan-role-larger-than-block",
+    ),
+    pytest.param("GetCluster", cpb.GetClusterRequest(name="x" * 300), id="get-long-name"),
+    pytest.param(
+        "RenderCluster", cpb.RenderClusterRequest(name="c1", target="helm"), id="render-target"
+    ),
+    pytest.param(
+        "AllocateNodePrefix",
+        cpb.AllocateNodePrefixRequest(cluster="c1", node="Worker_1"),
+        id="node-name",
+    ),
+    pytest.param(
+        "AllocateNodePrefix",
+        cpb.AllocateNodePrefixRequest(cluster="c1", node="w" * 254),
+        id="node-too-long",
+    ),
+    pytest.param(
+        "AllocateServiceAddress",
+        cpb.AllocateServiceAddressRequest(
+            cluster="c1", namespace="default", service="web", ipv4=True
+        ),
+        id="vip-ipv4-on-ipv6-only",
+    ),
+    pytest.param(
+        "AllocateServiceAddress",
+        cpb.AllocateServiceAddressRequest(cluster="c1", namespace="", service="web"),
+        id="vip-no-namespace",
+    ),
+    pytest.param(
+        "AllocateEgressAddress",
+        cpb.AllocateEgressAddressRequest(
+            cluster="c1", identity=cpb.EgressIdentity(namespace="tenant-a")
+        ),
+        id="egress-no-labels",
+    ),
+    pytest.param(
+        "AllocateEgressAddress",
+        cpb.AllocateEgressAddressRequest(
+            cluster="c1",
+            identity=cpb.EgressIdentity(namespace="tenant-a", labels={"app": "x" * 64}),
+        ),
+        id="egress-long-label",
+    ),
+    pytest.param(
+        "CreateTemplate",
+        cpb.CreateTemplateRequest(name="t", overrides={"routing_mode": "bgp"}),
+        id="template-bad-value",
+    ),
+    pytest.param(
+        "CreateTemplate", cpb.CreateTemplateRequest(name="dual-stack"), id="template-builtin"
+    ),
+    pytest.param(
+        "DeleteTemplate", cpb.DeleteTemplateRequest(name="ipv6"), id="template-delete-builtin"
+    ),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_message"), MALFORMED_CLUSTER)
+async def test_malformed_cluster_requests_are_invalid_argument(
+    client: KipamClient, server: GrpcServer, rpc: str, request_message: Any
+) -> None:
+    """A malformed cluster request gets INVALID_ARGUMENT and writes nothing."""
+    await client.create_pool("site", cidr=SITE)
+    await client.plan_cluster("c1", parent="site")
+    before = (await client.list_pools()).items, (await client.list_allocations()).items
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub: Any = cpb_grpc.ClusterServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await getattr(stub, rpc)(request_message, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    after = (await client.list_pools()).items, (await client.list_allocations()).items
+    assert after == before
+    assert [t.name for t in await client.list_templates()] == list(BUILTIN_TEMPLATES)

@@ -8,8 +8,15 @@ written.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -166,3 +173,53 @@ def test_impossible_plans_are_refused_before_anything_is_written(
     assert taken.returncode == 3, taken.stderr
     assert kipam(server, "cluster", "plan", "x2").returncode == 2
     assert state(server) == before
+
+
+def test_progress_bar_on_a_terminal_only(live_server: LiveServer) -> None:
+    """On a terminal, batch node work shows a progress bar on stderr; stdout stays data."""
+    server = live_server.grpc
+    ok(server, "pool", "create", "site-p", "--cidr", "fd3c:9e14::/32")
+    ok(server, "cluster", "plan", "p1", "--from", "site-p")
+    nodes = [f"w-{i}" for i in range(50)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")}
+    terminal, stderr = pty.openpty()
+    # A terminal of 24 rows and 100 columns (a fresh pty has none, and tqdm draws to fit).
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "node",
+                "allocate",
+                "p1",
+                *nodes,
+                "--server",
+                server,
+                "-o",
+                "json",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert done.returncode == 0
+    assert len(json.loads(done.stdout)) == 50
+    assert b"allocating" in shown
+    assert b"/50 [" in shown, shown.decode()  # "N/50 [elapsed<left, rate]"

@@ -91,6 +91,18 @@ def test_node_mask_diff_for_ipv4_cites_kubeadm() -> None:
     assert "IPv6 only" in violation.reference
 
 
+def test_node_mask_without_a_slicer_has_no_diff_limit() -> None:
+    """``max_diff=None`` (kipam writes Node.spec.podCIDRs): only the mask bounds remain."""
+    assert check_node_mask(P("2001:db8::/56"), 80, max_diff=None) == []
+    assert check_node_mask(P("2001:db8::/56"), 128, max_diff=None) == []
+    assert rules(check_node_mask(P("2001:db8::/56"), 48, max_diff=None)) == [
+        "node-mask-shorter-than-cluster"
+    ]
+    (violation,) = check_node_mask(P("2001:db8::/56"), 40, max_diff=None)
+    assert "/56 to /128" in violation.message
+    assert rules(check_node_mask(P("2001:db8::/56"), 80, max_diff=8)) == ["node-mask-diff"]
+
+
 @pytest.mark.parametrize(
     ("cluster", "node_length", "words"),
     [

@@ -229,3 +229,19 @@ async def test_role_pools_are_not_deleted_on_their_own(kipam: Kipam) -> None:
     await kipam.clusters.plan("c1", parent="site", dry_run=False)
     with pytest.raises(PreconditionFailedError, match="cluster"):
         await kipam.delete_pool("c1/egress")
+
+
+async def test_concurrent_plans_make_one_cluster_each(kipam: Kipam) -> None:
+    """The same plan from many callers is made once; distinct plans get distinct blocks."""
+    await sites(kipam)
+    same = await asyncio.gather(*(kipam.clusters.plan("c1", parent="site") for _ in range(6)))
+    assert sorted(created for _, created in same) == [False] * 5 + [True]
+    assert len({cluster.block.cidr for cluster, _ in same}) == 1
+    distinct = await asyncio.gather(
+        *(kipam.clusters.plan(f"d{i}", parent="site") for i in range(6))
+    )
+    blocks = {cluster.block.cidr for cluster, _ in distinct} | {same[0][0].block.cidr}
+    assert len(blocks) == 7
+    pools = await kipam.db.fetchrow("SELECT count(*) AS n FROM pools WHERE deleted_at IS NULL")
+    assert pools is not None
+    assert pools["n"] == 1 + 7 * 6
