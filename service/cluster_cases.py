@@ -33,6 +33,7 @@ from service.clusters import (
     Template,
     check,
     check_cluster_name,
+    check_settings,
     layout,
     node_key,
     resolve,
@@ -40,6 +41,7 @@ from service.clusters import (
 from service.errors import (
     AlreadyExistsError,
     InvalidRequestError,
+    LockTimeoutError,
     PreconditionFailedError,
     ResourceNotFoundError,
 )
@@ -69,6 +71,8 @@ __all__ = ["Clusters"]
 _log = logging.getLogger(__name__)
 
 _MAX_PAGE: Final = 1000
+# How often a holder request reads the history again when its row was released meanwhile.
+_HOLD_ATTEMPTS: Final = 5
 # A Kubernetes object name (DNS-1123 subdomain) for nodes, and a DNS-1123 label for a
 # Service's namespace and name: what the owner strings are made of.
 _NODE_MAX: Final = 253
@@ -160,6 +164,7 @@ class Clusters:
                 "description must be text of at most 1024 characters.", field="description"
             )
         settings = resolve((await self.template(base)).settings, overrides or {})
+        check_settings(settings)
         row = await self.db.fetchrow(
             """
             WITH ins AS (
@@ -231,6 +236,7 @@ class Clusters:
         check_cluster_name(name)
         chosen = await self.template(template)
         settings = resolve(chosen.settings, overrides or {})
+        check_settings(settings)
         site, site4 = await self._sites(parent, parent_ipv4, settings)
         existing = await self._replay(name, site, site4, chosen.name, settings)
         if existing is not None:
@@ -265,6 +271,7 @@ class Clusters:
     ) -> tuple[Pool, Pool | None]:
         """The site pools a plan carves from: IPv6, and IPv4 for dual-stack."""
         site = await self.kipam.get_pool(parent)
+        await self.kipam.outside_clusters(site, "plan clusters from a site pool.")
         if site.cidr.version != 6:
             raise InvalidRequestError(
                 f"The site pool {parent} is IPv{site.cidr.version}; a cluster's primary block is "
@@ -279,6 +286,7 @@ class Clusters:
                     field="parent_pool_ipv4",
                 )
             site4 = await self.kipam.get_pool(parent_ipv4)
+            await self.kipam.outside_clusters(site4, "plan clusters from a site pool.")
             if site4.cidr.version != 4:
                 raise InvalidRequestError(
                     f"{parent_ipv4} is not an IPv4 pool.", field="parent_pool_ipv4"
@@ -435,10 +443,16 @@ class Clusters:
         block_ids = [row["block_pool_id"]] + (
             [row["ipv4_block_pool_id"]] if row["ipv4_block_pool_id"] else []
         )
+        name = row["name"]
+        names = [name, *(f"{name}/{role}" for role in CLUSTER_ROLES)]
+        if row["ipv4_block_pool_id"]:
+            names += [f"{name}/ipv4", *(f"{name}/ipv4/{role}" for role in CLUSTER_ROLES)]
         pools = await self.db.fetch(
-            f"SELECT {POOL_COLUMNS} {POOL_FROM} WHERE (p.id = ANY($1::bigint[])"
-            " OR p.parent_id = ANY($1::bigint[])) AND p.deleted_at IS NULL",
+            f"SELECT {POOL_COLUMNS} {POOL_FROM} WHERE p.name = ANY($2::text[])"
+            " AND (p.id = ANY($1::bigint[]) OR p.parent_id = ANY($1::bigint[]))"
+            " AND p.deleted_at IS NULL",
             block_ids,
+            names,
         )
         return _cluster(
             row["name"],
@@ -486,9 +500,11 @@ class Clusters:
 
         async def work(session: Session) -> None:
             live = await session.conn.fetchval(
-                "SELECT id FROM clusters WHERE name = $1 AND deleted_at IS NULL FOR UPDATE", name
+                "SELECT block_pool_id FROM clusters WHERE name = $1 AND deleted_at IS NULL"
+                " FOR UPDATE",
+                name,
             )
-            if live is None:
+            if live != cluster.block.id:  # deleted (and perhaps planned again) meanwhile
                 raise ResourceNotFoundError("cluster", name)
             pods = [
                 cluster.pools["pod"],
@@ -551,21 +567,32 @@ class Clusters:
         if target not in renderer.TARGETS:
             renderer.render(cluster, target)  # raises the listing error
         egress = await self.egress_holders(cluster) if target == "egress-policy" else []
-        return renderer.render(cluster, target, egress=egress)
+        vips = await self.vip_holders(cluster) if target == "lb-ippool" else []
+        return renderer.render(cluster, target, egress=egress, vips=vips)
 
-    async def egress_holders(self, cluster: Cluster) -> list[tuple[EgressIdentity, Prefix]]:
-        """Every identity holding an egress address now, with the address."""
-        pools = [
-            cluster.pools["egress"],
-            *([cluster.ipv4_pools["egress"]] if cluster.ipv4_pools else []),
-        ]
+    async def _active(self, pools: Sequence[Pool]) -> list[Allocation]:
         rows = await self.db.fetch(
             f"SELECT {ALLOCATION_COLUMNS} FROM allocations a JOIN pools p ON p.id = a.pool_id"  # noqa: S608 - fixed text
             " WHERE a.pool_id = ANY($1::bigint[]) AND a.state = 'active' ORDER BY a.owner, a.id",
             [p.id for p in pools],
         )
-        held = [allocation_from_row(row) for row in rows]
+        return [allocation_from_row(row) for row in rows]
+
+    async def egress_holders(self, cluster: Cluster) -> list[tuple[EgressIdentity, Prefix]]:
+        """Every identity holding an egress address now, with the address."""
+        held = await self._active(_family_pools(cluster, "egress", ipv4=True))
         return [(EgressIdentity.of(a), a.prefix) for a in held]
+
+    async def vip_holders(self, cluster: Cluster) -> list[tuple[str, str, Prefix]]:
+        """Every Service holding a VIP now: namespace, name and the address."""
+        held = await self._active(_family_pools(cluster, "ingress", ipv4=True))
+        out = []
+        for allocation in held:
+            kind, _, rest = allocation.owner.partition("/")
+            namespace, _, service = rest.partition("/")
+            if kind == "service" and namespace and service:
+                out.append((namespace, service, allocation.prefix))
+        return out
 
     # -- what a cluster's controllers hold --------------------------------------------------------
 
@@ -663,31 +690,59 @@ class Clusters:
         *,
         sticky: bool,
     ) -> Allocation:
-        history = await self._held(pool, owner)
-        active = [a for a in history if a.state == "active"]
-        if active:
-            return active[-1]
-        if sticky:
-            reclaimable = [a for a in history if a.state == "quarantined"]
-            if reclaimable:
-                last = reclaimable[-1]
-                request = AllocationRequest(owner=owner, labels=labels)
+        """The owner's active allocation in ``pool``: the held one, a reclaimed one, or new.
 
-                async def work(session: Session) -> Allocation | None:
-                    return await session.reclaim(session.pool(pool.id), last.id, request, ctx)
-
-                reclaimed = await self.kipam.exclusive([pool.id], work, commit=True)
-                if reclaimed is not None:
-                    self.kipam.feed.wake()
-                    return reclaimed
-        allocation, _ = await self.kipam.allocate(
-            pool.name,
-            owner=owner,
-            labels=labels,
-            idempotency_key=node_key(owner, len(history)),
-            ctx=ctx,
+        Every new row (reclaimed or not) takes the key of the owner's next sequence number,
+        so racing callers make one row and the others replay it. A replay can find that row
+        already released (a stale sequence number): then the history is read again.
+        """
+        for _ in range(_HOLD_ATTEMPTS):
+            history = await self._held(pool, owner)
+            active = [a for a in history if a.state == "active"]
+            if active:
+                return active[-1]
+            key = node_key(owner, len(history))
+            held = (
+                await self._reclaim(
+                    pool, history=history, owner=owner, labels=labels, key=key, ctx=ctx
+                )
+                if sticky
+                else None
+            )
+            if held is None:
+                held, _ = await self.kipam.allocate(
+                    pool.name, owner=owner, labels=labels, idempotency_key=key, ctx=ctx
+                )
+            if held.state == "active":
+                return held
+        raise LockTimeoutError(
+            f"{owner} was released while being allocated, {_HOLD_ATTEMPTS} times over; retry."
         )
-        return allocation
+
+    async def _reclaim(  # noqa: PLR0913 - the request's parts
+        self,
+        pool: Pool,
+        *,
+        history: Sequence[Allocation],
+        owner: str,
+        labels: dict[str, str],
+        key: str,
+        ctx: RequestContext,
+    ) -> Allocation | None:
+        """The owner's latest quarantined prefix, made active again for it; None if none."""
+        quarantined = [a for a in history if a.state == "quarantined"]
+        if not quarantined:
+            return None
+        request = AllocationRequest(owner=owner, labels=labels, idempotency_key=key)
+
+        async def work(session: Session) -> Allocation | None:
+            locked = session.pool(pool.id)
+            return await session.reclaim(locked, quarantined[-1].id, request, ctx)
+
+        reclaimed = await self.kipam.exclusive([pool.id], work, commit=True)
+        if reclaimed is not None:
+            self.kipam.feed.wake()
+        return reclaimed
 
     async def _let_go(
         self, pools: Sequence[Pool], owner: str, ctx: RequestContext | None
@@ -726,8 +781,11 @@ def _role_policy(
         "ingress": settings.ingress_quarantine_seconds,
         "egress": settings.egress_quarantine_seconds,
     }.get(role, DEFAULT_QUARANTINE_S)
+    # Node addresses, VIPs and egress addresses are single addresses, often on a link: never
+    # the subnet-router anycast address, the top 128 (RFC 2526) or IPv4 network/broadcast.
     return PoolPolicy(
         default_length=bits,
+        reserve_anycast=role in {"node", "ingress", "egress"},
         quarantine_seconds=quarantine,
         allow_documentation=allow_documentation,
     )
@@ -792,6 +850,13 @@ def _service_owner(namespace: str, service: str) -> str:
 def _check_identity(identity: EgressIdentity) -> EgressIdentity:
     _check_label_name(identity.namespace, "namespace")
     labels = check_labels(dict(identity.labels), "labels")
+    reserved = sorted(k for k in labels if k.startswith(("io.kubernetes.", "io.cilium.")))
+    if reserved:
+        raise InvalidRequestError(
+            f"labels {', '.join(reserved)} are Kubernetes's and Cilium's own (the namespace is "
+            "its own field); give the pods' labels only.",
+            field="labels",
+        )
     if not labels:
         raise InvalidRequestError(
             "An egress identity needs at least one pod label (Cilium selects workloads by "

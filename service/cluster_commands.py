@@ -352,9 +352,13 @@ async def _each_node(
                 results[name] = await call(name)
                 bar.update()
 
-        async with asyncio.TaskGroup() as group:
-            for name in names:
-                group.create_task(one(name))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name in names:
+                    group.create_task(one(name))
+        except BaseExceptionGroup as failed:
+            # The first failure stops the rest; it is what the command reports (one line).
+            raise failed.exceptions[0] from None
     return [a for name in names for a in results[name]]
 
 

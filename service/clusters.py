@@ -42,6 +42,7 @@ __all__ = [
     "Template",
     "check",
     "check_cluster_name",
+    "check_settings",
     "layout",
     "node_key",
     "resolve",
@@ -97,6 +98,14 @@ class ClusterSettings:
             which the same identity gets it back.
         egress_gateway_labels: The node selector of rendered egress gateway policies, as
             ``key=value[,key=value]``.
+        egress_gateway: Cilium ``egressGateway.enabled`` (with ``bpf.masquerade``). Off in
+            the IPv6-only templates: released Cilium versions run the egress gateway only with
+            IPv4 masquerading, and IPv6 egress addresses came later (cilium/cilium#44524);
+            turn it on where your Cilium has it. The egress pool hands out addresses either
+            way.
+        kube_proxy_replacement: Cilium ``kubeProxyReplacement`` (the egress gateway needs
+            it), with ``k8sServiceHost: auto`` so the agent finds the apiserver without
+            kube-proxy (kubeadm's ``cluster-info`` ConfigMap).
     """
 
     family: Family = "ipv6"
@@ -126,6 +135,8 @@ class ClusterSettings:
     ingress_quarantine_seconds: int = 3600
     egress_quarantine_seconds: int = 86400
     egress_gateway_labels: str = "kipam.io/egress-gateway=true"
+    egress_gateway: bool = False
+    kube_proxy_replacement: bool = True
 
     @property
     def dual_stack(self) -> bool:
@@ -256,6 +267,29 @@ def _parse(name: str, text: str) -> object:  # noqa: C901, PLR0912 - one branch 
     raise AssertionError(name)  # pragma: no cover - every field is handled above
 
 
+def check_settings(settings: ClusterSettings) -> None:
+    """Settings that contradict each other, refused with the one to change.
+
+    Raises:
+        InvalidRequestError: the egress gateway without kube-proxy replacement, or (dual-stack)
+            without IPv4 masquerading: the Cilium agent refuses to start with either.
+    """
+    if settings.egress_gateway and not settings.kube_proxy_replacement:
+        raise InvalidRequestError(
+            "egress_gateway needs kube_proxy_replacement (Cilium's egress gateway runs only "
+            "with kube-proxy replacement): set kube_proxy_replacement=true or "
+            "egress_gateway=false.",
+            field="overrides.kube_proxy_replacement",
+        )
+    if settings.egress_gateway and settings.dual_stack and not settings.ipv4_masquerade:
+        raise InvalidRequestError(
+            "egress_gateway needs ipv4_masquerade on a dual-stack cluster (the Cilium agent "
+            "refuses to start the egress gateway without IPv4 masquerading): set "
+            "ipv4_masquerade=true or egress_gateway=false.",
+            field="overrides.ipv4_masquerade",
+        )
+
+
 def resolve(base: ClusterSettings, overrides: Mapping[str, str]) -> ClusterSettings:
     """A template's settings with overrides applied, each checked.
 
@@ -321,9 +355,10 @@ BUILTIN_TEMPLATES: Final[Mapping[str, Template]] = MappingProxyType(
                 name="dual-stack",
                 description=(
                     "IPv6 primary plus IPv4 from a second site pool: a /16 IPv4 block with a "
-                    "/17 pod prefix sliced into /24 per node, a /20 service range."
+                    "/17 pod prefix sliced into /24 per node, a /20 service range; Cilium's "
+                    "egress gateway on."
                 ),
-                settings=ClusterSettings(family="dual-stack"),
+                settings=ClusterSettings(family="dual-stack", egress_gateway=True),
                 builtin=True,
             ),
         )

@@ -8,7 +8,7 @@ them into what the tools that build the cluster read (research notes, design C):
                    kube-controller-manager flags kubeadm does not derive itself
 ``kcm-flags``      kube-controller-manager flags as a YAML list (a static pod's ``command``)
 ``cilium-values``  Helm values for the Cilium chart: families, routing, masquerading, IPAM
-``lb-ippool``      one ``cilium.io/v2`` ``CiliumLoadBalancerIPPool`` over the ingress pools
+``lb-ippool``      one ``cilium.io/v2`` ``CiliumLoadBalancerIPPool`` per Service VIP kipam holds
 ``egress-policy``  one ``cilium.io/v2`` ``CiliumEgressGatewayPolicy`` per egress allocation
 ``service-cidr``   one ``networking.k8s.io/v1`` ``ServiceCIDR`` over the service pools
 =================  ============================================================================
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import yaml
 
@@ -70,6 +70,7 @@ def render(
     target: str,
     *,
     egress: Sequence[tuple[EgressIdentity, Prefix]] = (),
+    vips: Sequence[tuple[str, str, Prefix]] = (),
 ) -> str:
     """The YAML text of one bootstrap target for ``cluster``.
 
@@ -79,11 +80,13 @@ def render(
         egress: The cluster's egress allocations, ``(identity, address)`` with a host prefix
             from its egress pools; only ``egress-policy`` reads them. Their order does not
             matter: policies come sorted by the identity's owner, IPv6 first.
+        vips: The Service VIPs kipam holds, ``(namespace, service, address)``; only
+            ``lb-ippool`` reads them: one pool per Service, sorted by namespace and name.
 
     Returns:
         A comment line naming the cluster and its revision, then the document. For
-        ``egress-policy``, a stream of ``---`` documents; with no egress allocations, the
-        comment line alone (there is nothing to apply).
+        ``egress-policy`` and ``lb-ippool``, a stream of ``---`` documents; with no egress
+        allocations (or VIPs), the comment line alone (there is nothing to apply).
 
     Raises:
         InvalidRequestError: an unknown target (field ``target``); for ``egress-policy`` an
@@ -101,10 +104,10 @@ def render(
         f"# Rendered by kipam for cluster {cluster.name} (revision {cluster.revision}); "
         "do not edit, re-render.\n"
     )
-    documents = build(cluster, egress)
+    documents = build(cluster, _Holders(egress, vips))
     if not documents:
         return header
-    if target == "egress-policy":
+    if target in {"egress-policy", "lb-ippool"}:
         return header + "".join("---\n" + _dump(doc) for doc in documents)
     return header + _dump(documents[0])
 
@@ -112,7 +115,14 @@ def render(
 # -- targets ------------------------------------------------------------------------------------
 
 
-def _kubeadm(cluster: Cluster, _egress: object) -> list[object]:
+class _Holders(NamedTuple):
+    """What the cluster's controllers hold, for the targets that list it."""
+
+    egress: Sequence[tuple[EgressIdentity, Prefix]]
+    vips: Sequence[tuple[str, str, Prefix]]
+
+
+def _kubeadm(cluster: Cluster, _holders: _Holders) -> list[object]:
     """``ClusterConfiguration``: kubeadm derives ``--cluster-cidr`` and the service range."""
     settings = cluster.settings
     return [
@@ -133,7 +143,7 @@ def _kubeadm(cluster: Cluster, _egress: object) -> list[object]:
     ]
 
 
-def _kcm_flags(cluster: Cluster, _egress: object) -> list[object]:
+def _kcm_flags(cluster: Cluster, _holders: _Holders) -> list[object]:
     """The same choices as flags, for a kube-controller-manager run without kubeadm."""
     flags = [
         ("allocate-node-cidrs", _bool(cluster.settings.allocate_node_cidrs)),
@@ -144,7 +154,7 @@ def _kcm_flags(cluster: Cluster, _egress: object) -> list[object]:
     return [[f"--{name}={value}" for name, value in flags]]
 
 
-def _cilium_values(cluster: Cluster, _egress: object) -> list[object]:
+def _cilium_values(cluster: Cluster, _holders: _Holders) -> list[object]:
     """Helm values; every key exists in the pinned chart (checked by the tests)."""
     settings = cluster.settings
     pods = _prefixes(cluster, "pod")
@@ -181,35 +191,71 @@ def _cilium_values(cluster: Cluster, _egress: object) -> list[object]:
         if dual:
             k8s["requireIPv4PodCIDR"] = True
         values["k8s"] = k8s
-    # Every cluster has egress pools, so the egress gateway is always on, with what it
-    # requires (research notes section 2.2): BPF masquerading and kube-proxy replacement.
-    values["egressGateway"] = {"enabled": True}
-    values["bpf"] = {"masquerade": True}
-    values["kubeProxyReplacement"] = True
+    if settings.egress_gateway:
+        # What the egress gateway requires (research notes section 2.2): BPF masquerading
+        # and kube-proxy replacement (check_settings refuses plans without them).
+        values["egressGateway"] = {"enabled": True}
+        values["bpf"] = {"masquerade": True}
+    values["kubeProxyReplacement"] = settings.kube_proxy_replacement
+    if settings.kube_proxy_replacement:
+        # Without kube-proxy the agent must find the apiserver itself: "auto" reads it from
+        # kubeadm's cluster-info ConfigMap.
+        values["k8sServiceHost"] = "auto"
     return [values]
 
 
-def _lb_ippool(cluster: Cluster, _egress: object) -> list[object]:
-    """The ingress pools as one LB-IPAM pool; Services take their VIPs from it."""
-    return [
-        {
-            "apiVersion": "cilium.io/v2",
-            "kind": "CiliumLoadBalancerIPPool",
-            "metadata": {"name": f"{cluster.name}-ingress", "labels": _labels(cluster)},
-            "spec": {
-                "blocks": [{"cidr": str(p)} for p in _prefixes(cluster, "ingress")],
-                # Set explicitly: the default changed from No (1.15) to Yes (1.16+). The
-                # ingress pool's first and last addresses stay out of Services, as in kipam.
-                "allowFirstLastIPs": "No",
-            },
-        }
-    ]
+def _lb_ippool(cluster: Cluster, holders: _Holders) -> list[object]:
+    """One LB-IPAM pool per Service VIP kipam holds, selecting that Service only.
+
+    kipam is the VIP allocator: each pool holds exactly the Service's addresses (a /128, and
+    a /32 on dual-stack), so Cilium's LB-IPAM assigns them to that Service and nothing else
+    (no address kipam has not handed out, no collision with a later kipam allocation).
+    """
+    pools = _prefixes(cluster, "ingress")
+    by_service: dict[tuple[str, str], list[Prefix]] = {}
+    for namespace, service, address in holders.vips:
+        if not address.is_host or not any(pool.contains(address) for pool in pools):
+            raise InvalidRequestError(
+                f"VIP {address} of {namespace}/{service} is not a single address in the "
+                f"ingress pools of cluster {cluster.name} ({_joined(pools)}).",
+                field="vips",
+            )
+        by_service.setdefault((namespace, service), []).append(address)
+    docs: list[object] = []
+    for (namespace, service), addresses in sorted(by_service.items()):
+        owner = f"service/{namespace}/{service}"
+        docs.append(
+            {
+                "apiVersion": "cilium.io/v2",
+                "kind": "CiliumLoadBalancerIPPool",
+                "metadata": {
+                    "name": f"{cluster.name}-vip-{_digest(owner)}",
+                    "labels": _labels(cluster),
+                    "annotations": {_OWNER_ANNOTATION: owner},
+                },
+                "spec": {
+                    # IPv6 (primary) first.
+                    "blocks": [
+                        {"cidr": str(a)} for a in sorted(addresses, key=lambda a: -a.version)
+                    ],
+                    # LB-IPAM's special Service labels (lb-ipam.rst): this Service only.
+                    "serviceSelector": {
+                        "matchLabels": {
+                            "io.kubernetes.service.name": service,
+                            "io.kubernetes.service.namespace": namespace,
+                        }
+                    },
+                    # Set explicitly (the default changed in 1.16): the block is the one VIP.
+                    "allowFirstLastIPs": "Yes",
+                },
+            }
+        )
+    return docs
 
 
-def _egress_policies(
-    cluster: Cluster, egress: Sequence[tuple[EgressIdentity, Prefix]]
-) -> list[object]:
+def _egress_policies(cluster: Cluster, holders: _Holders) -> list[object]:
     """One egress gateway policy per allocation, sorted by owner, IPv6 first."""
+    egress = holders.egress
     pools = _prefixes(cluster, "egress")
     seen: set[tuple[str, int]] = set()
     docs: list[tuple[tuple[str, int], object]] = []
@@ -229,7 +275,7 @@ def _egress_policies(
                 field="egress",
             )
         seen.add(key)
-        digest = hashlib.blake2b(identity.owner.encode(), digest_size=_HASH_BYTES).hexdigest()
+        digest = _digest(identity.owner)
         suffix = "" if address.version == 6 else "-ipv4"
         policy = {
             "apiVersion": "cilium.io/v2",
@@ -255,7 +301,7 @@ def _egress_policies(
     return [doc for _, doc in sorted(docs, key=lambda pair: pair[0])]
 
 
-def _service_cidr(cluster: Cluster, _egress: object) -> list[object]:
+def _service_cidr(cluster: Cluster, _holders: _Holders) -> list[object]:
     """The service pools as a ServiceCIDR (Kubernetes 1.33+), IPv6 first."""
     return [
         {
@@ -267,9 +313,7 @@ def _service_cidr(cluster: Cluster, _egress: object) -> list[object]:
     ]
 
 
-_BUILDERS: Final[
-    Mapping[str, Callable[[Cluster, Sequence[tuple[EgressIdentity, Prefix]]], list[object]]]
-] = {
+_BUILDERS: Final[Mapping[str, Callable[[Cluster, _Holders], list[object]]]] = {
     "kubeadm": _kubeadm,
     "kcm-flags": _kcm_flags,
     "cilium-values": _cilium_values,
@@ -309,6 +353,11 @@ def _mask_sizes(cluster: Cluster) -> list[tuple[str, str]]:
         (f"node-cidr-mask-size-ipv{p.version}", str(cluster.settings.node_length(p.version)))
         for p in _prefixes(cluster, "pod")
     ]
+
+
+def _digest(owner: str) -> str:
+    """A short stable hash of an owner, for object names (owners do not fit names)."""
+    return hashlib.blake2b(owner.encode(), digest_size=_HASH_BYTES).hexdigest()
 
 
 def _labels(cluster: Cluster) -> dict[str, str]:

@@ -26,6 +26,11 @@ pool still gets a larger transaction id (the change feed's ordering, migration 0
 Batches that release, create or delete child pools, dry runs, and pools whose quarantines
 may have ended (a sweep is due) always take the locked path.
 
+Exclusive jobs (:meth:`Kipam.exclusive`: cluster plans and deletes, sticky reclaims) take the
+same locked path over several pools, alone in their transaction: their work gets a
+:class:`Session` that writes through the same statements, may create pools inside the
+transaction, and commits or rolls back whole (a dry run always rolls back).
+
 Reads that need the engine (usage, available prefixes) take the pool's in-process mutex and
 refresh the engine to the pool row's generation, so they see every change committed before
 them.
@@ -929,7 +934,8 @@ class Session:
     """What an exclusive job's work may do inside its transaction, over locked pools.
 
     Every write goes through the same statements as the lanes' (history rows, generations),
-    and every pool it creates or changes has its generation bumped once, at commit.
+    and every pool whose allocations it changes (including pools it created) has its
+    generation bumped once, at commit.
     """
 
     def __init__(self, lane: _Lane, conn: asyncpg.Connection, locked: dict[int, _Locked]) -> None:
@@ -1297,6 +1303,11 @@ class Kipam:
             self.feed.wake()
             return await self.get_pool_by_id(pool_id)
         parent_pool = await self.get_pool(parent)
+        await self.outside_clusters(
+            parent_pool,
+            "kipam lays out and deletes a cluster's pools as one: carve other pools from the "
+            "site pool.",
+        )
         if (prefix is None) == (prefix_length is None):
             raise InvalidRequestError(
                 "A child pool needs exactly one of prefix_length or cidr.", field="prefix_length"
@@ -1441,17 +1452,7 @@ class Kipam:
         """
         ctx = ctx or RequestContext()
         pool = await self.get_pool(name)
-        cluster = await self.db.fetchrow(
-            "SELECT k.name FROM clusters k JOIN pools p ON p.id = $1 WHERE k.deleted_at IS NULL"
-            " AND (p.id IN (k.block_pool_id, k.ipv4_block_pool_id)"
-            "      OR p.parent_id IN (k.block_pool_id, k.ipv4_block_pool_id))",
-            pool.id,
-        )
-        if cluster is not None:
-            raise PreconditionFailedError(
-                f"Pool {name} belongs to cluster {cluster['name']}; delete the cluster instead "
-                f"(kipam cluster delete {cluster['name']})."
-            )
+        await self.outside_clusters(pool, "delete the cluster instead (kipam cluster delete).")
         if pool.parent is not None:
             parent = await self.get_pool(pool.parent)
             job = _DeleteChild(parent.id, pool.id, ctx, asyncio.get_running_loop().create_future())
@@ -1469,6 +1470,23 @@ class Kipam:
                 raise error
             await self._mark_deleted(conn, pool.id, name, ctx)
         self.feed.wake()
+
+    async def outside_clusters(self, pool: Pool, advice: str) -> None:
+        """Refuse a pool that is a live cluster's block or role pool.
+
+        Raises:
+            PreconditionFailedError: it is; the message names the cluster, then ``advice``.
+        """
+        row = await self.db.fetchrow(
+            "SELECT k.name FROM clusters k JOIN pools p ON p.id = $1 WHERE k.deleted_at IS NULL"
+            " AND (p.id IN (k.block_pool_id, k.ipv4_block_pool_id)"
+            "      OR p.parent_id IN (k.block_pool_id, k.ipv4_block_pool_id))",
+            pool.id,
+        )
+        if row is not None:
+            raise PreconditionFailedError(
+                f"Pool {pool.name} belongs to cluster {row['name']}; {advice}"
+            )
 
     async def _check_empty(
         self, conn: asyncpg.Connection, pool_id: int, name: str

@@ -409,7 +409,7 @@ def cluster_from_pb(message: cpb.Cluster) -> Cluster:
     return Cluster(
         name=message.name,
         template=message.template,
-        settings=resolve(ClusterSettings(), dict(message.settings)),
+        settings=_settings(message.settings),
         block=pool_from_pb(message.block_pool),
         pools={role: pool_from_pb(p) for role, p in message.pools.items()},
         parent=message.parent_pool,
@@ -438,7 +438,7 @@ def template_from_pb(message: cpb.Template) -> Template:
     return Template(
         name=message.name,
         description=message.description,
-        settings=resolve(ClusterSettings(), dict(message.settings)),
+        settings=_settings(message.settings),
         builtin=message.builtin,
     )
 
@@ -451,3 +451,9 @@ def identity_pb(identity: EgressIdentity) -> cpb.EgressIdentity:
 def identity_from_pb(message: cpb.EgressIdentity) -> EgressIdentity:
     """An application identity from its message (checked by the use case)."""
     return EgressIdentity(message.namespace, dict(message.labels))
+
+
+def _settings(text: Mapping[str, str]) -> ClusterSettings:
+    """Settings from a server; ones this client does not know (a newer server's) are skipped."""
+    known = ClusterSettings.__dataclass_fields__
+    return resolve(ClusterSettings(), {k: v for k, v in text.items() if k in known})

@@ -172,6 +172,10 @@ def test_impossible_plans_are_refused_before_anything_is_written(
     taken = kipam(server, "cluster", "plan", "x1", "--from", "site-x", "--node-prefix-length", "60")
     assert taken.returncode == 3, taken.stderr
     assert kipam(server, "cluster", "plan", "x2").returncode == 2
+    # A failing batch of nodes reports its first failure in one line, never a traceback.
+    missing = kipam(server, "node", "allocate", "nosuch", "w-1", "w-2")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "kipam node: There is no cluster named 'nosuch'."
     assert state(server) == before
 
 

@@ -245,3 +245,90 @@ async def test_concurrent_plans_make_one_cluster_each(kipam: Kipam) -> None:
     pools = await kipam.db.fetchrow("SELECT count(*) AS n FROM pools WHERE deleted_at IS NULL")
     assert pools is not None
     assert pools["n"] == 1 + 7 * 6
+
+
+async def test_racing_sticky_reclaims_give_one_address(kipam: Kipam) -> None:
+    """Callers racing to take back a released egress address share one row and one address."""
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site")
+    billing = EgressIdentity("tenant-a", {"app": "billing"})
+    first = await kipam.clusters.allocate_egress("c1", billing)
+    await kipam.clusters.release_egress("c1", billing)
+    racing = await asyncio.gather(
+        *(kipam.clusters.allocate_egress("c1", billing) for _ in range(6))
+    )
+    assert {a.id for a in racing} == {racing[0].id}
+    assert racing[0].prefix == first.prefix
+    holders = await kipam.clusters.egress_holders(await kipam.clusters.get("c1"))
+    assert holders == [(billing, first.prefix)]
+
+
+async def test_a_stale_replay_never_answers_a_released_prefix(kipam: Kipam) -> None:
+    """A node whose first prefix was released meanwhile gets a new, active one."""
+    await sites(kipam)
+    cluster, _ = await kipam.clusters.plan("c1", parent="site")
+    (first,) = await kipam.clusters.allocate_node("c1", "worker-1")
+    await kipam.clusters.release_node("c1", "worker-1")
+    clusters = kipam.clusters
+    real = clusters._held
+    reads = 0
+
+    async def stale(pool: object, owner: str) -> list[object]:
+        nonlocal reads
+        reads += 1
+        return [] if reads == 1 else await real(pool, owner)  # type: ignore[arg-type]
+
+    clusters._held = stale  # type: ignore[method-assign]
+    try:
+        (again,) = await clusters.allocate_node("c1", "worker-1")
+    finally:
+        del clusters._held
+    assert reads == 2
+    assert again.state == "active"
+    assert again.prefix != first.prefix
+    assert cluster.pools["pod"].cidr.contains(again.prefix)
+
+
+async def test_cluster_pools_take_no_foreign_children(kipam: Kipam) -> None:
+    """Pools under a cluster's block or role pools, or clusters from them, are refused."""
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site")
+    for parent in ("c1", "c1/service"):
+        with pytest.raises(PreconditionFailedError, match="belongs to cluster c1"):
+            await kipam.create_pool("c1/zz", parent=parent, prefix_length=120, role="pod")
+    with pytest.raises(PreconditionFailedError, match="site pool"):
+        await kipam.clusters.plan("c2", parent="c1")
+    await kipam.clusters.delete("c1")
+
+
+async def test_identities_cannot_borrow_kubernetes_labels(kipam: Kipam) -> None:
+    """The namespace is the identity's own field; Kubernetes's and Cilium's keys are refused."""
+    await sites(kipam)
+    await kipam.clusters.plan("c1", parent="site")
+    for labels in ({"io.kubernetes.pod.namespace": "shop"}, {"io.cilium.k8s.policy.x": "y"}):
+        with pytest.raises(InvalidRequestError, match="own"):
+            await kipam.clusters.allocate_egress("c1", EgressIdentity("tenant-a", labels))
+
+
+async def test_contradicting_settings_are_refused(kipam: Kipam) -> None:
+    """The egress gateway needs kube-proxy replacement, and IPv4 masquerading on dual-stack."""
+    await sites(kipam, ipv4=True)
+    with pytest.raises(InvalidRequestError, match="kube_proxy_replacement"):
+        await kipam.clusters.plan(
+            "c1",
+            parent="site",
+            overrides={"egress_gateway": "true", "kube_proxy_replacement": "false"},
+        )
+    with pytest.raises(InvalidRequestError, match="ipv4_masquerade") as caught:
+        await kipam.clusters.plan(
+            "c1",
+            parent="site",
+            parent_ipv4="site4",
+            template="dual-stack",
+            overrides={"ipv4_masquerade": "false"},
+        )
+    assert caught.value.field == "overrides.ipv4_masquerade"
+    with pytest.raises(InvalidRequestError):
+        await kipam.clusters.create_template(
+            "t", overrides={"kube_proxy_replacement": "no", "egress_gateway": "yes"}
+        )

@@ -7,6 +7,7 @@ the diff. Upstream validation is in ``tests/service/upstream.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -117,7 +118,9 @@ CASES = {
     # Dual-stack, kube-controller-manager slices (so its mask-size flags appear).
     "dual-stack": plan(
         "eu1-dual",
-        ClusterSettings(family="dual-stack", node_ipam="kube-controller-manager"),
+        ClusterSettings(
+            family="dual-stack", node_ipam="kube-controller-manager", egress_gateway=True
+        ),
         "fd3c:9e12:3::/48",
         "10.20.0.0/16",
         revision=2,
@@ -130,6 +133,7 @@ CASES = {
             ipv6_masquerade=True,
             dns_domain="lab.example",
             egress_gateway_labels="topology.kubernetes.io/zone=a,kipam.io/egress-gateway=true",
+            egress_gateway=True,
         ),
         "fd3c:9e12:4::/48",
     ),
@@ -150,13 +154,33 @@ EGRESS: dict[str, list[tuple[EgressIdentity, Prefix]]] = {
     "tunnel": [],
 }
 
+
+def vip(cluster: Cluster, version: int, n: int) -> Prefix:
+    """The n-th address of the cluster's ingress pool of one family."""
+    pool = cluster.pools["ingress"] if version == 6 else cluster.ipv4_pools["ingress"]
+    return parse_address(str(pool.cidr.to_network().network_address + n))
+
+
+VIPS: dict[str, list[tuple[str, str, Prefix]]] = {
+    "ipv6": [
+        ("ingress-nginx", "controller", vip(CASES["ipv6"], 6, 1)),
+        ("default", "api", vip(CASES["ipv6"], 6, 2)),
+    ],
+    "ipv6-cluster-pool": [],
+    "dual-stack": [
+        ("default", "web", vip(CASES["dual-stack"], 4, 1)),
+        ("default", "web", vip(CASES["dual-stack"], 6, 1)),
+    ],
+    "tunnel": [("default", "web", vip(CASES["tunnel"], 6, 1))],
+}
+
 PAIRS = [(case, target) for case in CASES for target in TARGETS]
 IDS = [f"{case}-{target}" for case, target in PAIRS]
 
 
 def rendered(case: str, target: str) -> str:
-    """One case's target, with the case's egress allocations."""
-    return render(CASES[case], target, egress=EGRESS[case])
+    """One case's target, with the case's egress allocations and Service VIPs."""
+    return render(CASES[case], target, egress=EGRESS[case], vips=VIPS[case])
 
 
 def documents(text: str) -> list[Any]:
@@ -493,3 +517,45 @@ def test_kcm_flag_check_bites() -> None:
     """A flag kipam does not render, or a non-boolean boolean, fails the flag check."""
     errors = upstream.kcm_flag_errors(["--allocate-node-cidrs=yes", "--cidr-allocator-type=x"])
     assert len(errors) == 2, errors
+
+
+def test_lb_pools_hold_exactly_each_services_vips() -> None:
+    """One LB-IPAM pool per Service: its VIPs only, selected by Cilium's Service labels."""
+    pools = documents(rendered("ipv6", "lb-ippool"))
+    assert [p["metadata"]["annotations"]["kipam.io/owner"] for p in pools] == [
+        "service/default/api",
+        "service/ingress-nginx/controller",
+    ]
+    api = pools[0]["spec"]
+    assert api["blocks"] == [{"cidr": str(VIPS["ipv6"][1][2])}]
+    assert api["serviceSelector"]["matchLabels"] == {
+        "io.kubernetes.service.name": "api",
+        "io.kubernetes.service.namespace": "default",
+    }
+    dual = documents(rendered("dual-stack", "lb-ippool"))
+    assert [ipaddress.ip_network(b["cidr"]).version for b in dual[0]["spec"]["blocks"]] == [6, 4]
+    assert render(CASES["ipv6-cluster-pool"], "lb-ippool").count("\n") == 1  # header only
+
+
+def test_a_vip_outside_the_ingress_pools_is_refused() -> None:
+    """The LB pools never name an address kipam did not hand out from the ingress pools."""
+    outside = nth(CASES["ipv6"], 6, 1)  # an egress address
+    with pytest.raises(InvalidRequestError) as caught:
+        render(CASES["ipv6"], "lb-ippool", vips=[("default", "web", outside)])
+    assert caught.value.field == "vips"
+
+
+def test_egress_gateway_and_kube_proxy_replacement_follow_the_settings() -> None:
+    """The egress gateway (and BPF masquerading) only when asked; k8sServiceHost with KPR."""
+    off = documents(rendered("ipv6", "cilium-values"))[0]
+    assert "egressGateway" not in off
+    assert "bpf" not in off
+    assert (off["kubeProxyReplacement"], off["k8sServiceHost"]) == (True, "auto")
+    on = documents(rendered("tunnel", "cilium-values"))[0]
+    assert (on["egressGateway"], on["bpf"]) == ({"enabled": True}, {"masquerade": True})
+    plain = dataclasses.replace(
+        CASES["ipv6"], settings=ClusterSettings(kube_proxy_replacement=False)
+    )
+    values = documents(render(plain, "cilium-values"))[0]
+    assert values["kubeProxyReplacement"] is False
+    assert "k8sServiceHost" not in values

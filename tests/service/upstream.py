@@ -358,7 +358,7 @@ def _flag_errors(name: str, value: str, where: str) -> list[str]:
 
 def rendered_errors(target: str, documents: Sequence[Any]) -> list[str]:
     """Every error in the documents of one rendered target (empty: all valid)."""
-    if target == "egress-policy":
+    if target in {"egress-policy", "lb-ippool"}:  # one object per holder, perhaps none
         return [f"[{i}] {e}" for i, doc in enumerate(documents) for e in crd_errors(doc)]
     if len(documents) != 1:
         return [f"{target}: expected one document, got {len(documents)}"]
