@@ -10,7 +10,8 @@ gRPC serves ``kipam.v1`` (:mod:`service.grpc`); HTTP serves the REST API
 
 * ``GET /healthz``: the process is up (200, always);
 * ``GET /readyz``: the database answers, the migrations are current and which lock backend
-  is in use (200 when ready, 503 with the same JSON when not).
+  is in use (200 when ready, 503 with the same JSON when not);
+* ``GET /metrics``: Prometheus metrics (:mod:`service.metrics`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from service import telemetry
 from service.config import Settings, parse_listen_address
 from service.errors import ListenError, PreconditionFailedError
 from service.grpc.server import GrpcServer
 from service.locks import LockManager
+from service.metrics import PrometheusObserver, watch_kipam
 from service.migrate import migrate, status
 from service.rest.app import build_http_app
 from service.store import Database
@@ -55,6 +58,8 @@ class Resources:
     locks: LockManager
     kipam: Kipam
     database: str  # "embedded" or "external", for the health output
+    # What /metrics answers from; None where the use cases were built without one.
+    metrics: PrometheusObserver | None = None
 
 
 @contextlib.asynccontextmanager
@@ -113,15 +118,18 @@ async def use_cases(
     """The lock manager and use cases over an open database, as ``settings`` say."""
     locks = LockManager(settings.redis_url, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s)
     await locks.start()
+    metrics = PrometheusObserver()
     kipam = Kipam(
         db,
         locks,
         batch_max=settings.batch_max,
         lanes=settings.write_lanes,
         watch_poll_s=settings.watch_poll_s,
+        observer=metrics,
     )
+    watch_kipam(metrics, kipam)
     try:
-        yield Resources(settings, db, locks, kipam, database)
+        yield Resources(settings, db, locks, kipam, database, metrics)
     finally:
         await kipam.close()
         await locks.close()
@@ -148,6 +156,15 @@ async def serve(settings: Settings) -> None:
     Raises:
         ListenError: a listen address cannot be bound.
     """
+    traced = telemetry.configure()  # before the database: its statements are traced too
+    try:
+        await _serve(settings)
+    finally:
+        if traced is not None:
+            traced.shutdown()  # export what is still queued
+
+
+async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

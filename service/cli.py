@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from importlib.metadata import version
 from typing import TYPE_CHECKING, TypeVar
 
 from engine import EngineError
+from service import logs
 from service.config import Settings
 from service.errors import Kind, ServiceError, kind_of
 
@@ -94,11 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = Settings.from_env()
+        # The server logs at KIPAM_LOG_LEVEL; client commands keep stderr for their errors.
+        server = args.command in {"serve", "migrate"}
+        logs.configure(settings.log_level if server else "warning", settings.log_format)
         result: int = args.func(settings, args)
     except (ServiceError, EngineError, OSError) as exc:
         message = exc.message if isinstance(exc, ServiceError | EngineError) else str(exc)

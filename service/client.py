@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 
 from engine import parse_prefix
 from engine.errors import PoolExhaustedError
+from service import telemetry
 from service.errors import (
     AllocationNotFoundError,
     AlreadyExistsError,
@@ -191,7 +192,11 @@ class KipamClient:
         await self._channel.close()
 
     def _opts(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "metadata": self.metadata}
+        carrier: dict[str, str] = {}
+        telemetry.inject(carrier)  # the caller's trace continues in the server (traceparent)
+        if not carrier:
+            return {"timeout": self.timeout, "metadata": self.metadata}
+        return {"timeout": self.timeout, "metadata": (*self.metadata, *carrier.items())}
 
     # -- pools ----------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from service.models import (
     RequestContext,
     check_labels,
 )
+from service.observe import Observer, traced
 from service.store import ALLOCATION_COLUMNS, POOL_COLUMNS, allocation_from_row, pool_from_row
 from service.usecases import POOL_FROM
 
@@ -111,6 +112,11 @@ class Clusters:
         self.kipam = kipam
         self.db = kipam.db
 
+    @property
+    def observer(self) -> Observer:
+        """The use cases' observer (metrics)."""
+        return self.kipam.observer
+
     # -- templates -------------------------------------------------------------------------------
 
     async def template(self, name: str | None) -> Template:
@@ -137,6 +143,7 @@ class Clusters:
         )
         return [*BUILTIN_TEMPLATES.values(), *(_template(r) for r in rows)]
 
+    @traced("create_template", pool="name", base="base")
     async def create_template(
         self,
         name: str,
@@ -208,6 +215,7 @@ class Clusters:
 
     # -- plans -----------------------------------------------------------------------------------
 
+    @traced("plan_cluster", pool="name", template="template", dry_run="dry_run")
     async def plan(  # noqa: PLR0913 - the request's fields
         self,
         name: str,
@@ -478,6 +486,7 @@ class Clusters:
         clusters = [await self._of(r) for r in rows[:limit]]
         return Page(clusters, clusters[-1].name if len(rows) > limit else None)
 
+    @traced("delete_cluster", pool="name", force="force")
     async def delete(
         self, name: str, *, force: bool = False, ctx: RequestContext | None = None
     ) -> Cluster:
@@ -596,6 +605,7 @@ class Clusters:
 
     # -- what a cluster's controllers hold --------------------------------------------------------
 
+    @traced("allocate_node", pool="cluster")
     async def allocate_node(
         self, cluster: str, node: str, *, ctx: RequestContext | None = None
     ) -> list[Allocation]:
@@ -607,6 +617,7 @@ class Clusters:
             for pool in _family_pools(found, "pod", ipv4=True)
         ]
 
+    @traced("release_node", pool="cluster")
     async def release_node(
         self, cluster: str, node: str, *, ctx: RequestContext | None = None
     ) -> list[Allocation]:
@@ -615,6 +626,7 @@ class Clusters:
         owner = f"node/{_check_node(node)}"
         return await self._let_go(_family_pools(found, "pod", ipv4=True), owner, ctx)
 
+    @traced("allocate_service", pool="cluster")
     async def allocate_service(
         self,
         cluster: str,
@@ -634,6 +646,7 @@ class Clusters:
             for pool in _family_pools(found, "ingress", ipv4=ipv4)
         ]
 
+    @traced("release_service", pool="cluster")
     async def release_service(
         self, cluster: str, namespace: str, service: str, *, ctx: RequestContext | None = None
     ) -> list[Allocation]:
@@ -642,6 +655,7 @@ class Clusters:
         pools = _family_pools(found, "ingress", ipv4=True)
         return await self._let_go(pools, _service_owner(namespace, service), ctx)
 
+    @traced("allocate_egress", pool="cluster")
     async def allocate_egress(
         self,
         cluster: str,
@@ -664,6 +678,7 @@ class Clusters:
             pool, identity.owner, identity.allocation_labels(), ctx or RequestContext(), sticky=True
         )
 
+    @traced("release_egress", pool="cluster")
     async def release_egress(
         self, cluster: str, identity: EgressIdentity, *, ctx: RequestContext | None = None
     ) -> list[Allocation]:

@@ -16,12 +16,15 @@ import sys
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+from opentelemetry import propagate, trace
 
 from engine import Strategy
+from service import telemetry
 from service.client import DEFAULT_SERVER, KipamClient
 from service.cluster_commands import add_cluster_commands
 from service.errors import InvalidRequestError, ServerUnavailableError
 from service.models import DEFAULT_QUARANTINE_S, PoolPolicy, to_prefix
+from service.observe import tracer
 from service.rest import text
 from service.rest.schemas import AllocationOut, PoolOut, UsageOut
 
@@ -141,7 +144,19 @@ def _call(
                     f"KIPAM_SERVER): {exc.message}"
                 ) from exc
 
-    run(go())
+    # With OTEL_* set, the command is a trace of its own (continuing the script's, when it
+    # exports TRACEPARENT), and its calls carry it to the server.
+    traced = telemetry.configure(instrument=False)
+    words = [args.command, *(getattr(args, f"{args.command}_command", None) or "").split()]
+    parent = propagate.extract({"traceparent": os.environ.get("TRACEPARENT", "")})
+    try:
+        with tracer.start_as_current_span(
+            "kipam " + " ".join(words), context=parent, kind=trace.SpanKind.CLIENT
+        ):
+            run(go())
+    finally:
+        if traced is not None:
+            traced.shutdown()
     return 0
 
 

@@ -50,6 +50,8 @@ class Settings:
         watch_poll_s: How often a change-feed subscriber looks for changes written by other
             replicas (this replica's own commits wake it at once).
         max_message_bytes: Largest gRPC request accepted (RESOURCE_EXHAUSTED beyond).
+        log_level: ``debug``, ``info`` (one line per request), ``warning`` or ``error``.
+        log_format: ``json``, ``console``, or ``auto`` (console on a terminal, else JSON).
     """
 
     database_url: str | None = None
@@ -68,6 +70,8 @@ class Settings:
     shutdown_grace_s: float = 20.0
     watch_poll_s: float = 0.5
     max_message_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +101,8 @@ class Settings:
             shutdown_grace_s=number("SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0.0),
             watch_poll_s=number("WATCH_POLL_S", cls.watch_poll_s, minimum=0.01),
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024)),
+            log_level=env.choice("LOG_LEVEL", cls.log_level, ("debug", "info", "warning", "error")),
+            log_format=env.choice("LOG_FORMAT", cls.log_format, ("auto", "json", "console")),
         )
         parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
         parse_listen_address(settings.grpc_addr, "KIPAM_GRPC_ADDR")
@@ -116,6 +122,16 @@ class _Env:
     def get(self, name: str) -> str | None:
         value = self._environ.get(f"KIPAM_{name}", "").strip()
         return value or None
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (case-insensitive), or the default when unset."""
+        value = (self.get(name) or default).lower()
+        if value not in choices:
+            raise InvalidRequestError(
+                f"KIPAM_{name}={value!r} is not one of {', '.join(choices)}.",
+                field=f"KIPAM_{name}",
+            )
+        return value
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
         text = self.get(name)

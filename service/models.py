@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
+from opentelemetry import trace
+
 from engine import EngineError, Policy, Prefix, Strategy, parse_address, parse_prefix
 from service.errors import InvalidRequestError
 
@@ -345,10 +347,15 @@ class RequestContext:
     ) -> RequestContext:
         """From a call's ``x-request-id`` and W3C ``traceparent`` (HTTP header or gRPC metadata).
 
-        The request id is kept when it is 1-128 printable ASCII characters, else one is made;
-        the trace id is taken from a well-formed traceparent (never the all-zero id).
+        The request id is kept when it is 1-128 printable ASCII characters, else one is made.
+        The trace id is the current span's when tracing is on (the server span, which
+        continues the caller's trace), else taken from a well-formed traceparent (never the
+        all-zero id).
         """
         request_id = make_request_id(request_id)
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            return cls(actor=actor, request_id=request_id, trace_id=f"{span.trace_id:032x}")
         trace_id = None
         match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
         if match and match.group(1) != "0" * 32:

@@ -272,6 +272,10 @@ class Database:
         except TimeoutError:  # pragma: no cover - a stuck connection at shutdown
             self._pool.terminate()
 
+    def stats(self) -> tuple[int, int, int]:
+        """The connection pool's size, idle connections and maximum size (for metrics)."""
+        return self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size()
+
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; driver errors inside become service errors."""

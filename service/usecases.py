@@ -43,11 +43,14 @@ import contextlib
 import datetime as dt
 import logging
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import asyncpg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from engine import (
     EngineError,
@@ -83,6 +86,7 @@ from service.models import (
     to_address,
     to_prefix,
 )
+from service.observe import Observer, traced, tracer
 from service.store import (
     ALLOCATION_COLUMNS,
     CHANGE_COLUMNS,
@@ -96,6 +100,8 @@ from service.store import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+
+    from opentelemetry.util.types import AttributeValue
 
     from service.locks import LockManager
     from service.models import Change
@@ -255,6 +261,8 @@ class _Allocate:
     ctx: RequestContext
     # Per request: the allocation and whether it is new; a dry run answers prefixes instead.
     future: asyncio.Future[list[tuple[Allocation | Prefix, bool]]]
+    # The caller's trace context: the batch's span continues the first caller's trace.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass(slots=True)
@@ -263,6 +271,8 @@ class _Release:
     allocation_id: int
     ctx: RequestContext
     future: asyncio.Future[Allocation]
+    # The caller's trace context: the batch's span continues the first caller's trace.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass(slots=True)
@@ -277,6 +287,8 @@ class _CreateChild:
     idempotency_key: str | None
     ctx: RequestContext
     future: asyncio.Future[int]
+    # The caller's trace context: the batch's span continues the first caller's trace.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass(slots=True)
@@ -285,6 +297,8 @@ class _DeleteChild:
     child_id: int
     ctx: RequestContext
     future: asyncio.Future[None]
+    # The caller's trace context: the batch's span continues the first caller's trace.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass(slots=True)
@@ -301,6 +315,8 @@ class _Exclusive:
     work: Callable[[Session], Awaitable[object]]
     commit: bool
     future: asyncio.Future[object]
+    # The caller's trace context: the batch's span continues the first caller's trace.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 _Job = _Allocate | _Release | _CreateChild | _DeleteChild | _Exclusive
@@ -429,6 +445,14 @@ class _Engines:
             lock = self._mutexes[pool_id] = asyncio.Lock()
         return lock
 
+    def loaded(self) -> list[tuple[str, PoolAllocator]]:
+        """The pools whose engines this process holds, by name (for metrics: no I/O)."""
+        return [
+            (self.facts[pool_id][0], engine)
+            for pool_id, engine in list(self._engines.items())
+            if pool_id in self.facts
+        ]
+
     def discard(self, pool_id: int) -> None:
         self._engines.pop(pool_id, None)
         self.quiet_until.pop(pool_id, None)
@@ -525,8 +549,20 @@ class _Lane:
         await self._serve_one(batch)
 
     async def _serve_one(self, batch: list[_Job]) -> None:
+        # One span per batch: a child of the first caller's span, linked to the others'.
+        links = [
+            trace.Link(context)
+            for job in batch[1:]
+            if (context := trace.get_current_span(job.trace).get_span_context()).is_valid
+        ]
         try:
-            await self._run(batch)
+            with tracer.start_as_current_span(
+                "kipam.batch",
+                context=batch[0].trace,
+                links=links,
+                attributes={"kipam.batch_size": len(batch), "kipam.lane": self.number},
+            ):
+                await self._run(batch)
         except BaseException as exc:
             error = exc if isinstance(exc, ServiceError | EngineError) else translate(exc)
             if not isinstance(exc, ServiceError | EngineError | asyncpg.PostgresError | OSError):
@@ -584,9 +620,11 @@ class _Lane:
                 name, cidr, policy = kipam.engines.facts[pool_id]
                 locked[pool_id] = _Locked(pool_id, name, cidr, engine.generation, policy, engine)
             write = _Write()
-            pending = [
-                (job, await self._decide(None, locked[job.pool_id], job, write)) for job in batch
-            ]
+            with tracer.start_as_current_span("kipam.engine.decide"):
+                pending = [
+                    (job, await self._decide(None, locked[job.pool_id], job, write))
+                    for job in batch
+                ]
             changed = [p for p in locked.values() if p.changed]
             inserted = await self._fenced_insert(changed, write) if write.prefixes else {}
             _settle([(job, _answer(decided, inserted, job.pool_id)) for job, decided in pending])
@@ -624,13 +662,8 @@ class _Lane:
             # Always in pool id order, here and in every replica: no deadlocks.
             for pool_id in pool_ids:
                 await stack.enter_async_context(kipam.engines.mutex(pool_id))
-            # The Redis locks are waited for before a connection is taken: waiting holds none.
-            holds = await stack.enter_async_context(kipam.locks.hold_many(pool_ids))
-            conn = await stack.enter_async_context(kipam.db.connection())
+            conn = await self._begin(stack, pool_ids)
             try:
-                # BEGIN and the advisory locks in one round trip; COMMIT below. Managed by
-                # hand (not conn.transaction()) to save those round trips on every batch.
-                await begin_with_locks(conn, holds)
                 await self._lock_pools(conn, pool_ids, locked)
                 write = _Write()
                 pending: list[tuple[_Allocate, list[object]]] = []
@@ -641,7 +674,10 @@ class _Lane:
                     elif pool is None:
                         results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
                     elif isinstance(job, _Allocate):
-                        pending.append((job, await self._decide(conn, pool, job, write)))
+                        with tracer.start_as_current_span(
+                            "kipam.engine.decide", attributes=_decision(pool, job)
+                        ):
+                            pending.append((job, await self._decide(conn, pool, job, write)))
                     else:
                         results.append((job, await self._other(conn, pool, job)))
                 changed = [p.id for p in locked.values() if p.changed]
@@ -675,6 +711,39 @@ class _Lane:
             # Answer before the locks are released: while the release goes to Redis, the
             # callers queue their next requests, which then share the next transaction.
             _settle(results)
+
+    async def _begin(
+        self, stack: contextlib.AsyncExitStack[bool | None], pool_ids: list[int]
+    ) -> asyncpg.Connection:
+        """Take the pools' locks and BEGIN; the connection, held (and released) by ``stack``.
+
+        The wait (Redis before a connection is taken, so waiting holds none; advisory inside
+        BEGIN) is one span, reported to the observer; the hold, until ``stack`` closes,
+        another.
+        """
+        kipam = self.kipam
+        started = time.perf_counter()
+        with tracer.start_as_current_span(
+            "kipam.lock.wait", attributes={"kipam.pools": len(pool_ids)}
+        ) as wait:
+            holds = await stack.enter_async_context(kipam.locks.hold_many(pool_ids))
+            conn = await stack.enter_async_context(kipam.db.connection())
+            try:
+                # BEGIN and the advisory locks in one round trip; COMMIT later. Managed by
+                # hand (not conn.transaction()) to save those round trips on every batch.
+                await begin_with_locks(conn, holds)
+            except BaseException:
+                await _rollback(conn)
+                raise
+            backend = holds[0].backend if holds else "none"
+            wait.set_attribute("kipam.lock.backend", backend)
+        kipam.observer.lock_waited(backend, time.perf_counter() - started)
+        stack.enter_context(
+            tracer.start_as_current_span(
+                "kipam.lock.hold", attributes={"kipam.lock.backend": backend}
+            )
+        )
+        return conn
 
     async def _lock_pools(
         self, conn: asyncpg.Connection, pool_ids: list[int], locked: dict[int, _Locked]
@@ -1085,6 +1154,11 @@ class Session:
         return inserted[pool.id, prefix]
 
 
+def _decision(pool: _Locked, job: _Allocate) -> dict[str, AttributeValue]:
+    """The engine decision span's attributes."""
+    return {"kipam.pool": pool.name, "kipam.requests": len(job.requests)}
+
+
 def _settle(results: list[tuple[_Job, object]]) -> None:
     """Answer each caller still waiting: its result, or its own failure."""
     for job, result in results:
@@ -1134,6 +1208,7 @@ class Kipam:
         lanes: int = 2,
         watch_poll_s: float = 0.5,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        observer: Observer | None = None,
     ) -> None:
         self.db = db
         # When quarantines are known to end; read only to pick the write path (tests move it).
@@ -1142,6 +1217,8 @@ class Kipam:
         self.batch_max = batch_max
         self.engines = _Engines()
         self.feed = ChangeFeed(db, poll_s=watch_poll_s)
+        # Told of every use case's result and duration, and of lock waits (metrics).
+        self.observer = observer or Observer()
         self._lanes = [_Lane(self, n) for n in range(max(1, lanes))]
         self._pools: dict[str, Pool] = {}
         from service.cluster_cases import Clusters  # noqa: PLC0415 - it builds on this module
@@ -1171,6 +1248,7 @@ class Kipam:
 
     # -- pools ----------------------------------------------------------------------------------
 
+    @traced("create_pool", pool="name", parent="parent", prefix_length="prefix_length")
     async def create_pool(  # noqa: PLR0913 - the pool's fields
         self,
         name: str,
@@ -1441,6 +1519,7 @@ class Kipam:
         pools = [pool_from_row(r) for r in rows[:limit]]
         return Page(pools, pools[-1].name if len(rows) > limit else None)
 
+    @traced("delete_pool", pool="name")
     async def delete_pool(self, name: str, *, ctx: RequestContext | None = None) -> None:
         """Delete a pool that holds nothing (active or quarantined). History is kept.
 
@@ -1528,6 +1607,7 @@ class Kipam:
 
     # -- allocations -----------------------------------------------------------------------------
 
+    @traced("allocate", pool="pool", owner="owner", prefix_length="length", dry_run="dry_run")
     async def allocate(  # noqa: PLR0913 - the request's fields
         self,
         pool: str,
@@ -1560,6 +1640,7 @@ class Kipam:
         )
         return answer
 
+    @traced("allocate_many", pool="pool", dry_run="dry_run")
     async def allocate_many(
         self,
         pool: str,
@@ -1643,6 +1724,7 @@ class Kipam:
         found = {r["idempotency_key"]: allocation_from_row(r) for r in rows}
         return [(_replay(found[cast("str", r.idempotency_key)], r), False) for r in requests]
 
+    @traced("release")
     async def release(self, allocation_id: int, *, ctx: RequestContext | None = None) -> Allocation:
         """Release an allocation: to quarantine, or released at once if the pool has none.
 

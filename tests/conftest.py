@@ -35,7 +35,7 @@ from service.migrate import migrate
 from service.store import Database
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 
 def database_of(dsn: str) -> str:
@@ -260,6 +260,18 @@ def _live_server(
     server_dsn: str, free_port: Callable[[], int], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """`kipam serve` as a process on a fresh database, ready; stopped (cleanly) afterwards."""
+    with live_server_process(server_dsn, free_port, tmp_path_factory) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def live_server_process(
+    server_dsn: str,
+    free_port: Callable[[], int],
+    tmp_path_factory: pytest.TempPathFactory,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[LiveServer]:
+    """`kipam serve` on a fresh database with ``env`` added to its environment."""
     name = f"kipam_live_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
@@ -277,6 +289,7 @@ def _live_server(
         "KIPAM_MIGRATE_ON_START": "true",
         "KIPAM_HTTP_ADDR": f"127.0.0.1:{http}",
         "KIPAM_GRPC_ADDR": f"127.0.0.1:{grpc}",
+        **(env or {}),
     }
     log = tmp_path_factory.mktemp("live") / "serve.log"
     with log.open("wb") as stderr:

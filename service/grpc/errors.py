@@ -22,7 +22,9 @@ the caller in the trailing metadata, errors included, as REST's ``X-Request-ID``
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final, NamedTuple
 
@@ -32,6 +34,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engine.errors import ClusterCheckError, PoolExhaustedError, PrefixConflictError
+from service import logs
 from service.errors import (
     STATUS,
     AllocationNotFoundError,
@@ -179,6 +182,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id
     )
 
 
+def _code_name(error: Exception) -> str:
+    """The gRPC status code name an error is reported with."""
+    return STATUS[kind_of(error)].grpc
+
+
 class _Status(NamedTuple):
     """What ``abort_with_status`` reads: code, details and trailing metadata."""
 
@@ -198,15 +206,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpc
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(_KIPAM):
             return handler  # health and reflection: nothing of ours to map, no request id
+        method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary),
+                _guard_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream),
+                _guard_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -214,32 +223,50 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpc
 
 
 def _guard_unary(
-    behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]],
+    behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]], method: str
 ) -> Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> object:
+        started = time.perf_counter()
         request_id = _begin(context)
+        code = "OK"
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
             raise
         except Exception as exc:
+            code = _code_name(exc)
             await _abort(context, exc, request_id)
             raise AssertionError from exc  # pragma: no cover - abort raises
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            logs.request("grpc", method, code, started, request_id=request_id)
 
     return guarded
 
 
 def _guard_stream(
-    behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]],
+    behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]], method: str
 ) -> Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        started = time.perf_counter()
         request_id = _begin(context)
+        code = "OK"
         try:
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code = _code_name(exc)
             await _abort(context, exc, request_id)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            logs.request("grpc", method, code, started, request_id=request_id)
 
     return guarded

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import telemetry
 from service.errors import InvalidRequestError, ListenError
 from service.grpc import convert
 from service.grpc.errors import REQUEST_ID, ErrorInterceptor
@@ -405,7 +406,7 @@ class GrpcServer:
         self.address = address
         self._probe_s = probe_s
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

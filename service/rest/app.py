@@ -3,6 +3,8 @@
 ``GET /schema`` is an interactive Swagger UI (calls can be tried from the page), served with
 its JavaScript from the ``swagger-ui-py`` wheel, so it works where browsers cannot reach a
 CDN (air-gapped sites); ``GET /schema/openapi.json`` is the OpenAPI 3.1 document.
+``GET /metrics`` answers the Prometheus text format (:mod:`service.metrics`), outside the
+OpenAPI document like the health endpoints.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from litestar import Litestar, get
+from litestar import Litestar, MediaType, get
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema, Tag
 from litestar.response import Response
 from litestar.static_files import create_static_files_router
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from service import telemetry
+from service.logs import AccessLog
 from service.migrate import status
 from service.rest import problems
 from service.rest.clusters import ClusterController, TemplateController
@@ -80,6 +85,19 @@ def build_http_app(res: Resources) -> ASGIApp:
         }
         return Response(body, status_code=200 if ready else 503)
 
+    registry = res.metrics.registry if res.metrics is not None else CollectorRegistry()
+
+    # On the event loop, not in a thread: the collectors read the engines, which only the
+    # loop changes (a few microseconds per pool).
+    @get("/metrics", sync_to_thread=False, include_in_schema=False)
+    def metrics() -> Response[bytes]:
+        # As a header: given as the media type, Litestar would append a second charset.
+        return Response(
+            generate_latest(registry),
+            media_type=MediaType.TEXT,
+            headers={"content-type": CONTENT_TYPE_LATEST},
+        )
+
     openapi = OpenAPIConfig(
         title="kipam",
         version="1",
@@ -105,6 +123,7 @@ def build_http_app(res: Resources) -> ASGIApp:
         route_handlers=[
             healthz,
             readyz,
+            metrics,
             PoolController,
             AllocationController,
             QueryController,
@@ -122,7 +141,10 @@ def build_http_app(res: Resources) -> ASGIApp:
         logging_config=None,
     )
     _document_text_tables(app)
-    return RequestIds(PoolPaths(app))
+    # Outermost the tracing middleware (when tracing is on), so the request's log line
+    # carries its trace id; then the log line, which reads the request id RequestIds sets.
+    logged: ASGIApp = AccessLog(RequestIds(PoolPaths(app)))  # type: ignore[assignment] # plain dicts
+    return telemetry.wrap_asgi(logged)
 
 
 def _document_text_tables(app: Litestar) -> None:

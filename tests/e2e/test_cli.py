@@ -11,14 +11,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from tests.conftest import LiveServer
 
 pytestmark = [pytest.mark.slow]
 
 
-def kipam(server: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `kipam ARGS --server SERVER`; the environment says nothing of kipam."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")}
+def kipam(
+    server: str, *args: str, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `kipam ARGS --server SERVER`; the environment (``env``) says nothing of kipam."""
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("KIPAM_")}
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args, "--server", server],
         env=env,
