@@ -281,7 +281,7 @@ def free_port() -> int:
 
 
 def start_server(
-    dsn: str, redis_url: str | None, log: Any
+    dsn: str, redis_url: str | None, log: Any, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start ``kipam serve`` on `dsn`; return the process, its gRPC and its HTTP address."""
     grpc_addr = f"127.0.0.1:{free_port()}"
@@ -295,6 +295,7 @@ def start_server(
     }
     if redis_url:
         env["KIPAM_REDIS_URL"] = redis_url
+    env |= extra_env or {}
     proc = subprocess.Popen(
         [str(KIPAM), "serve"], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
     )

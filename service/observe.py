@@ -18,6 +18,7 @@ import functools
 import time
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -25,12 +26,22 @@ from engine import EngineError
 from service.errors import ServiceError, kind_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
     from opentelemetry.trace import Span
     from opentelemetry.util.types import AttributeValue
 
-__all__ = ["OK", "Observer", "Operation", "observed", "result_of", "traced", "tracer"]
+__all__ = [
+    "OK",
+    "Observer",
+    "Operation",
+    "observed",
+    "result_of",
+    "set_tracing",
+    "span_of",
+    "traced",
+    "tracer",
+]
 
 OK: Final = "ok"
 tracer = trace.get_tracer("kipam")
@@ -102,9 +113,7 @@ def observed(
         attrs["kipam.pool"] = pool
     start = time.perf_counter()
     error: BaseException | None = None
-    with tracer.start_as_current_span(
-        f"kipam.{name}", attributes=attrs, record_exception=False, set_status_on_exception=False
-    ) as span:
+    with span_of(f"kipam.{name}", attributes=attrs) as span:
         operation = Operation(span, pool)
         try:
             yield operation
@@ -119,6 +128,55 @@ def observed(
                     span.record_exception(error)
                     span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             observer.operation(name, operation.pool, result, time.perf_counter() - start)
+
+
+class _Switch:
+    """Whether tracing is configured in this process (set by :mod:`service.telemetry`)."""
+
+    on = False
+
+
+def set_tracing(on: bool) -> None:  # noqa: FBT001 - a switch
+    """Tell the use cases that a tracer provider is (or no longer is) installed."""
+    _Switch.on = on
+
+
+@contextlib.contextmanager
+def span_of(
+    name: str,
+    *,
+    parent: otel_context.Context | None = None,
+    links: Sequence[trace.Link] = (),
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> Iterator[Span]:
+    """Kipam's own span, as current, under ``parent`` (default: the current context).
+
+    Costs nothing when tracing is off, and next to nothing under a parent that is not
+    sampled (the span could not be recorded; the parent is made current instead, so
+    statements below it are not sampled either).
+    """
+    if not _Switch.on:
+        yield trace.INVALID_SPAN
+        return
+    context = otel_context.get_current() if parent is None else parent
+    above = trace.get_current_span(context).get_span_context()
+    if above.is_valid and not above.trace_flags.sampled:
+        token = otel_context.attach(context) if parent is not None else None
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return
+    with tracer.start_as_current_span(
+        name,
+        context=parent,
+        links=links,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
 
 
 F = TypeVar("F", bound="Callable[..., Awaitable[Any]]")

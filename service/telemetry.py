@@ -33,6 +33,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from service import observe
 from service.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ def configure(env: Mapping[str, str] | None = None, *, instrument: bool = True) 
         AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
         RedisInstrumentor().instrument(tracer_provider=provider)
     _current = Telemetry(provider, chosen)
+    observe.set_tracing(True)
     _log.info("tracing on: exporting with %s", ", ".join(chosen))
     return _current
 

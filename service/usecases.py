@@ -86,7 +86,7 @@ from service.models import (
     to_address,
     to_prefix,
 )
-from service.observe import Observer, traced, tracer
+from service.observe import Observer, span_of, traced
 from service.store import (
     ALLOCATION_COLUMNS,
     CHANGE_COLUMNS,
@@ -100,8 +100,6 @@ from service.store import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-
-    from opentelemetry.util.types import AttributeValue
 
     from service.locks import LockManager
     from service.models import Change
@@ -553,12 +551,12 @@ class _Lane:
         links = [
             trace.Link(context)
             for job in batch[1:]
-            if (context := trace.get_current_span(job.trace).get_span_context()).is_valid
+            if (context := trace.get_current_span(job.trace).get_span_context()).trace_flags.sampled
         ]
         try:
-            with tracer.start_as_current_span(
+            with span_of(
                 "kipam.batch",
-                context=batch[0].trace,
+                parent=batch[0].trace,
                 links=links,
                 attributes={"kipam.batch_size": len(batch), "kipam.lane": self.number},
             ):
@@ -620,7 +618,7 @@ class _Lane:
                 name, cidr, policy = kipam.engines.facts[pool_id]
                 locked[pool_id] = _Locked(pool_id, name, cidr, engine.generation, policy, engine)
             write = _Write()
-            with tracer.start_as_current_span("kipam.engine.decide"):
+            with span_of("kipam.engine.decide"):
                 pending = [
                     (job, await self._decide(None, locked[job.pool_id], job, write))
                     for job in batch
@@ -667,19 +665,18 @@ class _Lane:
                 await self._lock_pools(conn, pool_ids, locked)
                 write = _Write()
                 pending: list[tuple[_Allocate, list[object]]] = []
-                for job in batch:
-                    pool = locked.get(job.pool_id)
-                    if isinstance(job, _Exclusive):
-                        results.append((job, await job.work(Session(self, conn, locked))))
-                    elif pool is None:
-                        results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
-                    elif isinstance(job, _Allocate):
-                        with tracer.start_as_current_span(
-                            "kipam.engine.decide", attributes=_decision(pool, job)
-                        ):
+                # One span for the batch's decisions (the engine's, and each job's reads).
+                with span_of("kipam.engine.decide", attributes={"kipam.jobs": len(batch)}):
+                    for job in batch:
+                        pool = locked.get(job.pool_id)
+                        if isinstance(job, _Exclusive):
+                            results.append((job, await job.work(Session(self, conn, locked))))
+                        elif pool is None:
+                            results.append((job, PoolNotFoundError(f"#{job.pool_id}")))
+                        elif isinstance(job, _Allocate):
                             pending.append((job, await self._decide(conn, pool, job, write)))
-                    else:
-                        results.append((job, await self._other(conn, pool, job)))
+                        else:
+                            results.append((job, await self._other(conn, pool, job)))
                 changed = [p.id for p in locked.values() if p.changed]
                 inserted: dict[tuple[int, Prefix], Allocation] = {}
                 if write.prefixes:  # the generations are bumped by the same statement
@@ -723,9 +720,7 @@ class _Lane:
         """
         kipam = self.kipam
         started = time.perf_counter()
-        with tracer.start_as_current_span(
-            "kipam.lock.wait", attributes={"kipam.pools": len(pool_ids)}
-        ) as wait:
+        with span_of("kipam.lock.wait", attributes={"kipam.pools": len(pool_ids)}) as wait:
             holds = await stack.enter_async_context(kipam.locks.hold_many(pool_ids))
             conn = await stack.enter_async_context(kipam.db.connection())
             try:
@@ -738,11 +733,7 @@ class _Lane:
             backend = holds[0].backend if holds else "none"
             wait.set_attribute("kipam.lock.backend", backend)
         kipam.observer.lock_waited(backend, time.perf_counter() - started)
-        stack.enter_context(
-            tracer.start_as_current_span(
-                "kipam.lock.hold", attributes={"kipam.lock.backend": backend}
-            )
-        )
+        stack.enter_context(span_of("kipam.lock.hold", attributes={"kipam.lock.backend": backend}))
         return conn
 
     async def _lock_pools(
@@ -1152,11 +1143,6 @@ class Session:
         write.add(pool, prefix, request, ctx)
         inserted = await self._lane._insert(self.conn, write, [])  # noqa: SLF001
         return inserted[pool.id, prefix]
-
-
-def _decision(pool: _Locked, job: _Allocate) -> dict[str, AttributeValue]:
-    """The engine decision span's attributes."""
-    return {"kipam.pool": pool.name, "kipam.requests": len(job.requests)}
 
 
 def _settle(results: list[tuple[_Job, object]]) -> None:

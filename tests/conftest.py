@@ -249,10 +249,11 @@ async def _clean(db: Database) -> None:
 
 @dataclass(frozen=True)
 class LiveServer:
-    """A running `kipam serve` process: its REST base URL and its gRPC address."""
+    """A running `kipam serve` process: its REST base URL, its gRPC address, its log."""
 
     url: str
     grpc: str
+    log: Path
 
 
 @pytest.fixture(name="live_server", scope="module")
@@ -307,7 +308,7 @@ def live_server_process(
             except OSError:
                 assert time.monotonic() < deadline, "kipam serve did not become ready"
                 time.sleep(0.1)
-        yield LiveServer(url, f"127.0.0.1:{grpc}")
+        yield LiveServer(url, f"127.0.0.1:{grpc}", log)
     finally:
         proc.terminate()
         proc.wait(30)

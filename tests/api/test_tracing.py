@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import telemetry
+from service import observe, telemetry
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import allocation_pb2_grpc as apb_grpc
 from service.models import PoolPolicy
@@ -47,10 +47,12 @@ def _spans() -> Iterator[InMemorySpanExporter]:
     AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
     RedisInstrumentor().instrument(tracer_provider=provider)
     telemetry._current = telemetry.Telemetry(provider, ("memory",))
+    observe.set_tracing(True)
     try:
         yield exporter
     finally:
         telemetry._current = None
+        observe.set_tracing(False)
         AsyncPGInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
         RedisInstrumentor().uninstrument()
         exporter.clear()

@@ -92,6 +92,7 @@ def test_spans_reach_an_otlp_receiver_with_the_callers_trace(
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_SERVICE_NAME": "kipam-under-test",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "KIPAM_LOG_FORMAT": "json",
     }
     with live_server_process(server_dsn, free_port, tmp_path_factory, otel) as live:
         environment = {**os.environ, **otel, "TRACEPARENT": TRACEPARENT}
@@ -135,3 +136,11 @@ def test_spans_reach_an_otlp_receiver_with_the_callers_trace(
     assert allocate["attributes"]["kipam.pool"] == "site"
     sql = [s for s in received if s["attributes"].get("db.system") == "postgresql"]
     assert sql
+    # The server's log: JSON lines; the allocation's request line carries the caller's trace.
+    lines = [json.loads(line) for line in live.log.read_text().splitlines() if line.strip()]
+    requests = [line for line in lines if line.get("event") == "request"]
+    (call,) = [r for r in requests if r["target"].endswith("/AllocatePrefix")]
+    assert (call["protocol"], call["status"], call["level"]) == ("grpc", "OK", "info")
+    assert call["trace_id"] == CALLER_TRACE
+    assert call["request_id"]
+    assert call["duration_ms"] > 0
