@@ -127,6 +127,11 @@ def check_allocation_trace(spans: list[ReadableSpan], server_span: str) -> dict[
     assert all(
         "kipam.batch" in ancestors(s, mine) or "kipam.allocate" in ancestors(s, mine) for s in sql
     )
+    (wait,) = named["kipam.lock.wait"]
+    assert (wait.attributes or {})["kipam.lock.backend"] == "redis"
+    redis = [s for s in mine if (s.attributes or {}).get("db.system") == "redis"]
+    assert redis, sorted(named)
+    assert all("kipam.batch" in ancestors(s, mine) for s in redis)
     return attributes
 
 
@@ -144,13 +149,6 @@ async def test_a_grpc_allocation_is_one_trace_down_to_sql_and_redis(
     await until(lambda: "kipam.batch" in tree(spans.get_finished_spans(), CALLER_TRACE))
     finished = list(spans.get_finished_spans())
     check_allocation_trace(finished, "/kipam.v1.AllocationService/AllocatePrefix")
-    named = tree(finished, CALLER_TRACE)
-    (wait,) = named["kipam.lock.wait"]
-    assert (wait.attributes or {})["kipam.lock.backend"] == "redis"
-    redis = [
-        s for g in named.values() for s in g if (s.attributes or {}).get("db.system") == "redis"
-    ]
-    assert redis, sorted(named)
     assert answer.allocation.prefix.endswith("/64")
 
 
