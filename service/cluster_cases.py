@@ -448,29 +448,41 @@ class Clusters:
         return await self._of(row)
 
     async def _of(self, row: asyncpg.Record) -> Cluster:
-        block_ids = [row["block_pool_id"]] + (
-            [row["ipv4_block_pool_id"]] if row["ipv4_block_pool_id"] else []
-        )
-        name = row["name"]
-        names = [name, *(f"{name}/{role}" for role in CLUSTER_ROLES)]
-        if row["ipv4_block_pool_id"]:
-            names += [f"{name}/ipv4", *(f"{name}/ipv4/{role}" for role in CLUSTER_ROLES)]
-        pools = await self.db.fetch(
+        (cluster,) = await self._all_of([row])
+        return cluster
+
+    async def _all_of(self, rows: Sequence[asyncpg.Record]) -> list[Cluster]:
+        """The clusters of these rows, their pools read in one query."""
+        block_ids: dict[str, list[int]] = {}
+        names: list[str] = []
+        for row in rows:
+            name = row["name"]
+            block_ids[name] = [row["block_pool_id"]] + (
+                [row["ipv4_block_pool_id"]] if row["ipv4_block_pool_id"] else []
+            )
+            names += [name, *(f"{name}/{role}" for role in CLUSTER_ROLES)]
+            if row["ipv4_block_pool_id"]:
+                names += [f"{name}/ipv4", *(f"{name}/ipv4/{role}" for role in CLUSTER_ROLES)]
+        found = await self.db.fetch(
             f"SELECT {POOL_COLUMNS} {POOL_FROM} WHERE p.name = ANY($2::text[])"
             " AND (p.id = ANY($1::bigint[]) OR p.parent_id = ANY($1::bigint[]))"
             " AND p.deleted_at IS NULL",
-            block_ids,
+            [i for ids in block_ids.values() for i in ids],
             names,
         )
-        return _cluster(
-            row["name"],
-            template=row["template"],
-            settings=ClusterSettings.from_json(row["settings"]),
-            pools=[pool_from_row(r) for r in pools],
-            block_ids=block_ids,
-            revision=row["revision"],
-            created_at=row["created_at"],
-        )
+        pools = [pool_from_row(r) for r in found]
+        return [
+            _cluster(
+                row["name"],
+                template=row["template"],
+                settings=ClusterSettings.from_json(row["settings"]),
+                pools=[p for p in pools if p.name.split("/", 1)[0] == row["name"]],
+                block_ids=block_ids[row["name"]],
+                revision=row["revision"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
 
     async def list_clusters(self, *, after: str | None = None, limit: int = 100) -> Page[Cluster]:
         """Live clusters by name; keyset pagination on the name."""
@@ -483,7 +495,7 @@ class Clusters:
             after,
             limit + 1,
         )
-        clusters = [await self._of(r) for r in rows[:limit]]
+        clusters = await self._all_of(rows[:limit]) if rows else []
         return Page(clusters, clusters[-1].name if len(rows) > limit else None)
 
     @traced("delete_cluster", pool="name", force="force")

@@ -332,3 +332,21 @@ async def test_contradicting_settings_are_refused(kipam: Kipam) -> None:
         await kipam.clusters.create_template(
             "t", overrides={"kube_proxy_replacement": "no", "egress_gateway": "yes"}
         )
+
+
+async def test_clusters_list_by_name_in_pages(kipam: Kipam) -> None:
+    """Pages of clusters, each with its own pools (read together for the page)."""
+    await sites(kipam, ipv4=True)
+    await kipam.clusters.plan("b", parent="site")
+    await kipam.clusters.plan("a", parent="site", parent_ipv4="site4", template="dual-stack")
+    await kipam.clusters.plan("c", parent="site")
+    first = await kipam.clusters.list_clusters(limit=2)
+    assert [c.name for c in first.items] == ["a", "b"]
+    assert first.next_cursor == "b"
+    rest = await kipam.clusters.list_clusters(after=first.next_cursor, limit=2)
+    assert [c.name for c in rest.items] == ["c"]
+    assert rest.next_cursor is None
+    for cluster in (*first.items, *rest.items):
+        assert cluster == await kipam.clusters.get(cluster.name)
+        assert all(p.name.startswith(f"{cluster.name}/") for p in cluster.role_pools())
+    assert first.items[0].ipv4_pools["pod"].name == "a/ipv4/pod"
