@@ -777,28 +777,7 @@ class _Lane:
 
     async def _sweep(self, conn: asyncpg.Connection, pool: _Locked) -> None:
         """Quarantines that ended: released for good, and free again in the engine."""
-        rows = await conn.fetch(
-            """
-            WITH due AS (
-                UPDATE allocations SET state = 'released', revision = nextval('kipam_revision')
-                 WHERE pool_id = $1 AND state = 'quarantined' AND reusable_at <= now()
-                RETURNING id, prefix, owner, revision
-            ), hist AS (
-                INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
-                                     allocation_id, prefix, owner, actor)
-                SELECT revision, 'allocation.released', $1, $2, $3, id, prefix, owner,
-                       'kipam/quarantine'
-                  FROM due
-            )
-            SELECT prefix FROM due
-            """,
-            pool.id,
-            pool.name,
-            pool.next_generation,
-        )
-        for row in rows:
-            pool.engine.release(prefix_from_db(row["prefix"]))
-        pool.changed = pool.changed or bool(rows)
+        await _end_held(conn, pool, _QUARANTINE_ENDED, everything=False)
 
     async def _decide(
         self, conn: asyncpg.Connection | None, pool: _Locked, job: _Allocate, write: _Write
@@ -1063,34 +1042,7 @@ class Session:
 
     async def release_all(self, pool: _Locked, ctx: RequestContext) -> int:
         """End every held allocation of a pool at once, quarantines included; their count."""
-        rows = await self.conn.fetch(
-            """
-            WITH upd AS (
-                UPDATE allocations
-                   SET state = 'released', released_at = coalesce(released_at, now()),
-                       reusable_at = least(coalesce(reusable_at, now()), now()),
-                       revision = nextval('kipam_revision')
-                 WHERE pool_id = $1 AND state <> 'released'
-                RETURNING id, prefix, owner, revision
-            ), hist AS (
-                INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
-                                     allocation_id, prefix, owner, actor, request_id, trace_id)
-                SELECT revision, 'allocation.released', $1, $2, $3, id, prefix, owner, $4, $5, $6
-                  FROM upd
-            )
-            SELECT prefix FROM upd
-            """,
-            pool.id,
-            pool.name,
-            pool.next_generation,
-            ctx.actor,
-            ctx.request_id,
-            ctx.trace_id,
-        )
-        for row in rows:
-            pool.engine.release(prefix_from_db(row["prefix"]))
-        pool.changed = pool.changed or bool(rows)
-        return len(rows)
+        return await _end_held(self.conn, pool, ctx, everything=True)
 
     async def delete_pool(self, pool: _Locked, ctx: RequestContext) -> None:
         """Mark an emptied pool deleted (its CIDR in the parent is released by the caller)."""
@@ -1143,6 +1095,51 @@ class Session:
         write.add(pool, prefix, request, ctx)
         inserted = await self._lane._insert(self.conn, write, [])  # noqa: SLF001
         return inserted[pool.id, prefix]
+
+
+# Who ends quarantines, in the history.
+_QUARANTINE_ENDED: Final = RequestContext(actor="kipam/quarantine")
+
+
+async def _end_held(
+    conn: asyncpg.Connection, pool: _Locked, ctx: RequestContext, *, everything: bool
+) -> int:
+    """Release for good, with history; the number of allocations released.
+
+    The pool's quarantines that ended, or with ``everything`` every allocation it holds
+    (active or in quarantine). Their prefixes are free again in its engine.
+    """
+    rows = await conn.fetch(
+        """
+        WITH ended AS (
+            UPDATE allocations
+               SET state = 'released', released_at = coalesce(released_at, now()),
+                   reusable_at = least(coalesce(reusable_at, now()), now()),
+                   revision = nextval('kipam_revision')
+             WHERE pool_id = $1
+               AND ((state = 'quarantined' AND reusable_at <= now())
+                    OR ($7 AND state <> 'released'))
+            RETURNING id, prefix, owner, revision
+        ), hist AS (
+            INSERT INTO changes (revision, kind, pool_id, pool_name, pool_generation,
+                                 allocation_id, prefix, owner, actor, request_id, trace_id)
+            SELECT revision, 'allocation.released', $1, $2, $3, id, prefix, owner, $4, $5, $6
+              FROM ended
+        )
+        SELECT prefix FROM ended
+        """,
+        pool.id,
+        pool.name,
+        pool.next_generation,
+        ctx.actor,
+        ctx.request_id,
+        ctx.trace_id,
+        everything,
+    )
+    for row in rows:
+        pool.engine.release(prefix_from_db(row["prefix"]))
+    pool.changed = pool.changed or bool(rows)
+    return len(rows)
 
 
 def _settle(results: list[tuple[_Job, object]]) -> None:
