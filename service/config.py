@@ -31,7 +31,8 @@ class Settings:
 
     Attributes:
         database_url: PostgreSQL DSN; None means the embedded PostgreSQL in ``data_dir``.
-        redis_url: Redis URL for per-pool locks; None means PostgreSQL advisory locks.
+        redis_url: Redis URL for per-pool locks (redis://, rediss://, or redis+sentinel://
+            sentinels/master, see service.locks.redis_client); None means advisory locks.
         http_addr: REST listen address, ``host:port`` (IPv6 hosts in brackets).
         grpc_addr: gRPC listen address.
         data_dir: Where the embedded PostgreSQL keeps its files.

@@ -41,12 +41,14 @@ import logging
 import math
 import secrets
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import asyncpg
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -270,6 +272,69 @@ async def _take_advisory(conn: Connection, holds: Sequence[LockHold], *, begin: 
         hold._entered = True  # noqa: SLF001
 
 
+SENTINEL_SCHEME: Final = "redis+sentinel"
+
+
+def redis_client(url: str) -> tuple[Redis, list[Redis]]:
+    """A client for ``url``: ``redis://``, ``rediss://``, ``unix://``, or Redis Sentinel.
+
+    A Sentinel URL names the sentinels, the monitored master's service name and optionally
+    the database: ``redis+sentinel://[[user]:password@]host:26379[,host:26379...]/mymaster[/db]``
+    (IPv6 hosts in brackets). The password is the master's; ``?sentinel_password=`` gives the
+    sentinels' own. The client asks the sentinels for the master on every new connection, so
+    after a failover it follows the new master (redis-py's ``Sentinel.master_for``).
+
+    Returns:
+        The client, and the clients of the sentinels it asks (to be closed with it).
+
+    Raises:
+        ValueError: the URL cannot be parsed.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": _SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": _SOCKET_TIMEOUT_S,
+        # No retries inside redis-py: its default (10 tries with backoff) would turn one
+        # unreachable Redis into seconds of waiting; falling back is our retry policy.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return Redis.from_url(url, **options), []
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or not parts.netloc.rpartition("@")[2]:
+        raise ValueError(
+            f"a Sentinel URL is {SENTINEL_SCHEME}://host:port[,host:port...]/service[/db], "
+            f"not {url!r}"
+        )
+    sentinels = [_host_port(h) for h in parts.netloc.rpartition("@")[2].split(",")]
+    query = urllib.parse.parse_qs(parts.query)
+    sentinel_password = query.get("sentinel_password", [None])[0]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call] # redis-py leaves it unannotated
+        sentinels,
+        sentinel_kwargs={
+            "password": sentinel_password,
+            "socket_timeout": _SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": _SOCKET_TIMEOUT_S,
+        },
+    )
+    master: Redis = sentinel.master_for(
+        path[0],
+        redis_class=Redis,
+        username=urllib.parse.unquote(parts.username) if parts.username else None,
+        password=urllib.parse.unquote(parts.password) if parts.password else None,
+        db=int(path[1]) if len(path) > 1 else 0,
+        **options,
+    )
+    return master, list(sentinel.sentinels)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a sentinel address is host:port, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
 class LockManager:
     """Per-pool locks for every replica: Redis when configured and answering, else advisory.
 
@@ -303,6 +368,7 @@ class LockManager:
         self._retry_s = retry_s
         self._key_prefix = key_prefix
         self._redis: Redis | None = None
+        self._sentinels: list[Redis] = []  # a Sentinel URL's sentinels, closed with it
         self._state: RedisState = "unset" if redis_url is None else "down"
         # Wall-clock time of the last state change, for /readyz; None until start().
         self._since: datetime | None = None
@@ -317,14 +383,7 @@ class LockManager:
         """
         if self._redis_url is None or self._redis is not None:
             return
-        self._redis = Redis.from_url(
-            self._redis_url,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            socket_connect_timeout=_SOCKET_TIMEOUT_S,
-            # No retries inside redis-py: its default (10 tries with backoff) would turn one
-            # unreachable Redis into seconds of waiting; falling back is our retry policy.
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis, self._sentinels = redis_client(self._redis_url)
         try:
             await self._redis.ping()
         except _REDIS_DOWN as exc:
@@ -337,6 +396,9 @@ class LockManager:
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()
+        sentinels, self._sentinels = self._sentinels, []
+        for sentinel in sentinels:
+            await sentinel.aclose()
 
     @property
     def backend(self) -> Backend:
