@@ -220,13 +220,21 @@ def _tune_gc() -> None:
 def _bind(address: str, name: str) -> socket.socket:
     """A listening socket on ``host:port`` (IPv6 hosts in brackets).
 
+    ``[::]`` listens on every IPv6 and IPv4 address.
+
     Raises:
         ListenError: the port is taken, or the host is not an address of this machine.
     """
     host, port = parse_listen_address(address, name)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # `[::]` means every address, IPv4 too (as gRPC's listener does): a dual-stack socket.
+    # Python's create_server otherwise sets IPV6_V6ONLY, and IPv4 clients (a kubelet probing
+    # a pod's IPv4 address) are refused.
+    dualstack = host == "::" and socket.has_dualstack_ipv6()
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        return socket.create_server(
+            (host, port), family=family, backlog=2048, dualstack_ipv6=dualstack
+        )
     except OSError as exc:
         raise ListenError(
             f"Cannot listen for HTTP on {address} ({name}): "
