@@ -54,5 +54,19 @@ test: lint $(STAMP) ## lint, type checks and every test
 bench: $(STAMP) ## engine benchmarks; results go to bench/RESULTS.md by hand
 	$(BIN)/python bench/engine_bench.py
 
+.PHONY: image scan
+image scan: VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image: ## build the container image kipam:<version> (needs a Docker engine)
+	docker build --build-arg VERSION=$(VERSION) \
+		--build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null)" -t kipam:$(VERSION) .
+
+# checkov gets its own virtualenv: it pins packaging<24, which pytest 9 cannot use.
+scan: $(STAMP) ## hadolint and checkov on the Dockerfile (checkov in .venv/checkov)
+	$(BIN)/hadolint Dockerfile
+	@test -x $(VENV)/checkov/bin/checkov || { $(PYTHON) -m venv $(VENV)/checkov \
+		&& $(VENV)/checkov/bin/python -m pip install --quiet checkov==3.3.30; }
+	$(VENV)/checkov/bin/checkov --framework dockerfile -f Dockerfile --compact --quiet --skip-download
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) proto/node_modules .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis build *.egg-info

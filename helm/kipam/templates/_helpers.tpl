@@ -1,0 +1,118 @@
+{{/*
+Helpers shared by every template. The chart keeps to a small subset of Go templates and
+Sprig on purpose, so that tests/helm/render.py can render it without a Helm binary.
+*/}}
+
+{{/* Chart name, overridable. */}}
+{{- define "kipam.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified app name: fullnameOverride, else the release name if it already contains the
+chart name, else <release>-<chart>.
+*/}}
+{{- define "kipam.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "kipam.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "kipam.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "kipam.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
+{{ include "kipam.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Labels that select the server pods (never change them after install). */}}
+{{- define "kipam.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kipam.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Service account the server pods run as. */}}
+{{- define "kipam.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kipam.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret holding the database and Redis URLs: existingSecret, or the one this chart makes. */}}
+{{- define "kipam.secretName" -}}
+{{- default (include "kipam.fullname" .) .Values.existingSecret -}}
+{{- end -}}
+
+{{/* Image reference; the tag defaults to the chart's appVersion. */}}
+{{- define "kipam.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+Environment shared by the server and the migration Job, so both see the same database.
+*/}}
+{{- define "kipam.env" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: KIPAM_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kipam.secretName" . }}
+      key: {{ .Values.secretKeys.databaseUrl }}
+- name: KIPAM_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kipam.secretName" . }}
+      key: {{ .Values.secretKeys.redisUrl }}
+      # Without a Redis URL kipam uses PostgreSQL advisory locks.
+      optional: true
+- name: KIPAM_DATA_DIR
+  # Unused with a real database; points at the writable emptyDir all the same.
+  value: /tmp/kipam
+- name: KIPAM_LOG_FORMAT
+  value: {{ .Values.config.logFormat | quote }}
+- name: KIPAM_LOG_LEVEL
+  value: {{ .Values.config.logLevel | quote }}
+- name: KIPAM_SHUTDOWN_GRACE_S
+  value: {{ .Values.config.shutdownGraceSeconds | quote }}
+- name: KIPAM_LOCK_TTL_S
+  value: {{ .Values.config.lockTtlSeconds | quote }}
+- name: KIPAM_LOCK_WAIT_S
+  value: {{ .Values.config.lockWaitSeconds | quote }}
+- name: KIPAM_DB_POOL_MIN
+  value: {{ .Values.config.dbPoolMin | quote }}
+- name: KIPAM_DB_POOL_MAX
+  value: {{ .Values.config.dbPoolMax | quote }}
+- name: KIPAM_STATEMENT_TIMEOUT_S
+  value: {{ .Values.config.statementTimeoutSeconds | quote }}
+{{- if .Values.otel.enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ required "otel.endpoint is required when otel.enabled is true" .Values.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .Values.otel.protocol | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .Values.otel.serviceName | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .Values.otel.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .Values.otel.samplerArg | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  {{- if .Values.otel.resourceAttributes }}
+  value: {{ printf "k8s.namespace.name=%s,k8s.pod.name=$(POD_NAME),%s" .Release.Namespace .Values.otel.resourceAttributes | quote }}
+  {{- else }}
+  value: {{ printf "k8s.namespace.name=%s,k8s.pod.name=$(POD_NAME)" .Release.Namespace | quote }}
+  {{- end }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

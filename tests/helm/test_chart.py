@@ -1,0 +1,435 @@
+"""The Helm chart in helm/kipam: values against the schema, rendered objects against Kubernetes.
+
+No Helm binary is available here, so ``render.py`` renders the chart (a strict subset of Go
+templates; see its docstring). Built-in kinds are checked with kubernetes-validate against the
+Kubernetes 1.34 OpenAPI schemas in strict mode; CRD kinds (ServiceMonitor, HTTPRoute,
+GRPCRoute) by their structure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from render import RenderError, load_values, merge_values, render_chart
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "kipam"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+K8S_VERSION = "1.34.0"
+DSN = "postgresql://kipam:secret@db.example:5432/kipam"
+# A chart-made Secret needs a DSN; everything else renders from values.yaml alone.
+WITH_DSN: dict[str, Any] = {"secret": {"databaseUrl": DSN}}
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
+}
+HOOK_WEIGHT = "helm.sh/hook-weight"
+
+
+def schema() -> dict[str, Any]:
+    """The chart's values.schema.json."""
+    document: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return document
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every object the chart renders with ``values`` over values.yaml."""
+    docs: list[dict[str, Any]] = []
+    for name, text in render_chart(CHART, values).items():
+        if name.endswith(".yaml"):
+            docs.extend(doc for doc in yaml.safe_load_all(text) if doc is not None)
+    return docs
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The single object of ``kind``."""
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
+    return found[0]
+
+
+def container(docs: list[dict[str, Any]], kind: str = "Deployment") -> dict[str, Any]:
+    """The only container of the Deployment's (or Job's) pod template."""
+    (only,) = one(docs, kind)["spec"]["template"]["spec"]["containers"]
+    found: dict[str, Any] = only
+    return found
+
+
+def env_of(docs: list[dict[str, Any]], kind: str = "Deployment") -> dict[str, Any]:
+    """The container's environment by name (value, or valueFrom)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(docs, kind)["env"]}
+
+
+def leaves(values: dict[str, Any], node: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of every value, descending where the schema lists properties."""
+    names = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        sub = node.get("properties", {}).get(key)
+        assert sub is not None, f"{name} is not in values.schema.json"
+        assert sub.get("description"), f"{name} has no description in the schema"
+        if isinstance(value, dict) and "properties" in sub:
+            names.extend(leaves(value, sub, f"{name}."))
+        else:
+            names.append(name)
+    return names
+
+
+SCENARIOS = {"defaults": WITH_DSN} | {path.stem: load_values(path) for path in EXAMPLES}
+
+
+# ---------------------------------------------------------------- values and schema
+
+
+def test_schema_is_draft7() -> None:
+    """values.schema.json is a valid JSON Schema draft-07 document."""
+    document = schema()
+    assert document["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(document)
+
+
+def test_values_yaml_validates() -> None:
+    """The chart's own values.yaml satisfies its schema."""
+    jsonschema.Draft7Validator(schema()).validate(load_values(CHART / "values.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_validates(example: Path) -> None:
+    """Each example merged over values.yaml (as ``helm -f`` does) satisfies the schema."""
+    merged = merge_values(load_values(CHART / "values.yaml"), load_values(example))
+    jsonschema.Draft7Validator(schema()).validate(merged)
+
+
+def test_schema_rejects_unknown_and_wrong_values() -> None:
+    """Typos and wrong types are refused, not ignored."""
+    validator = jsonschema.Draft7Validator(schema())
+    defaults = load_values(CHART / "values.yaml")
+    for bad in (
+        {"replicas": 3},
+        {"service": {"ipFamilyPolicy": "DualStack"}},
+        {"config": {"shutdownGraceSeconds": "20"}},
+        {"listenHost": "::"},
+        {"otel": {"endpointt": "http://x:4317"}},
+    ):
+        assert not validator.is_valid(merge_values(defaults, bad)), bad
+
+
+def test_schema_and_readme_cover_every_value() -> None:
+    """Every value has a schema entry with a description and a row in the chart README."""
+    readme = (CHART / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
+    names = leaves(load_values(CHART / "values.yaml"), schema())
+    assert set(names) == rows
+
+
+# ---------------------------------------------------------------- rendered objects
+
+
+@pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_rendered_objects_are_valid(values: dict[str, Any]) -> None:
+    """Every rendered object validates against Kubernetes 1.34 (strict) or its CRD's shape."""
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        assert doc["metadata"]["name"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "kipam"
+        if (doc["apiVersion"], doc["kind"]) in CRDS:
+            assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+            assert isinstance(doc["spec"], dict)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_template_renders_somewhere() -> None:
+    """The scenarios together exercise every template, so each one has been validated."""
+    kinds = {doc["kind"] for values in SCENARIOS.values() for doc in render(values)}
+    assert kinds == {
+        "Deployment",
+        "Service",
+        "Secret",
+        "ServiceAccount",
+        "Job",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "Ingress",
+        "HTTPRoute",
+        "GRPCRoute",
+    }
+    templates = {p.name for p in (CHART / "templates").iterdir() if p.suffix == ".yaml"}
+    assert len(templates) == len(kinds)
+
+
+def test_deployment_defaults() -> None:
+    """Two replicas of `kipam serve`, listening on all IPv6 addresses, migrations off."""
+    docs = render(WITH_DSN)
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]
+    assert (
+        pod["metadata"]["labels"].items() >= deployment["spec"]["selector"]["matchLabels"].items()
+    )
+    assert (container(docs)["command"], container(docs)["args"]) == (["kipam"], ["serve"])
+    env = env_of(docs)
+    assert env["KIPAM_HTTP_ADDR"] == "[::]:8080"
+    assert env["KIPAM_GRPC_ADDR"] == "[::]:50051"
+    assert env["KIPAM_MIGRATE_ON_START"] == "false"
+    assert env["KIPAM_LOG_FORMAT"] == "json"
+    assert env["KIPAM_SHUTDOWN_GRACE_S"] == "20"
+    assert not any(name.startswith("OTEL_") for name in env)
+
+
+def test_spread_across_nodes() -> None:
+    """Pods spread over nodes by topology constraint and preferred anti-affinity."""
+    spec = one(render(WITH_DSN), "Deployment")["spec"]["template"]["spec"]
+    (spread,) = spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "server"
+    (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    hard = render(WITH_DSN | {"podAntiAffinity": "hard"})
+    anti = one(hard, "Deployment")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert list(anti) == ["requiredDuringSchedulingIgnoredDuringExecution"]
+
+
+def test_security_context() -> None:
+    """Server and migration run non-root, read-only, without privileges or capabilities."""
+    docs = render(WITH_DSN)
+    for kind in ("Deployment", "Job"):
+        pod = one(docs, kind)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        context = container(docs, kind)["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["runAsUser"] == 10001
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts = container(docs, kind)["volumeMounts"]
+        assert mounts == [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - the pod's emptyDir
+        assert pod["volumes"][0]["emptyDir"]
+    assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_probes() -> None:
+    """Startup on gRPC health, liveness on /healthz, readiness on /readyz."""
+    server = container(render(WITH_DSN))
+    assert server["startupProbe"]["grpc"] == {"port": 50051}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
+        "http": 8080,
+        "grpc": 50051,
+    }
+
+
+@pytest.mark.parametrize("grace", [0, 20, 45])
+def test_termination_grace_follows_shutdown_grace(grace: int) -> None:
+    """The pod's grace period is the server's shutdown grace plus 10 seconds."""
+    docs = render(WITH_DSN | {"config": {"shutdownGraceSeconds": grace}})
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == grace + 10
+    assert env_of(docs)["KIPAM_SHUTDOWN_GRACE_S"] == str(grace)
+
+
+def test_service() -> None:
+    """Service is PreferDualStack with http and h2c gRPC ports to the server pods."""
+    docs = render(WITH_DSN)
+    service = one(docs, "Service")["spec"]
+    assert service["ipFamilyPolicy"] == "PreferDualStack"
+    assert "ipFamilies" not in service
+    assert {
+        p["name"]: (p["port"], p["targetPort"], p["appProtocol"]) for p in service["ports"]
+    } == {
+        "http": (8080, "http", "http"),
+        "grpc": (50051, "grpc", "kubernetes.io/h2c"),
+    }
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels.items() >= service["selector"].items()
+
+
+def test_ipv6_only_example() -> None:
+    """The IPv6-only example asks for a single-stack IPv6 Service."""
+    docs = render(SCENARIOS["ipv6-only"])
+    service = one(docs, "Service")["spec"]
+    assert (service["ipFamilyPolicy"], service["ipFamilies"]) == ("SingleStack", ["IPv6"])
+    assert env_of(docs)["KIPAM_HTTP_ADDR"] == "[::]:8080"
+
+
+def test_chart_made_secret() -> None:
+    """Without existingSecret the chart makes a hook Secret, created before the Job."""
+    docs = render(WITH_DSN | {"secret": {"databaseUrl": DSN, "redisUrl": "redis://r:6379/0"}})
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["database-url"]).decode() == DSN
+    assert base64.b64decode(secret["data"]["redis-url"]).decode() == "redis://r:6379/0"
+    job = one(docs, "Job")
+    for doc in (secret, job):
+        assert doc["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(secret["metadata"]["annotations"][HOOK_WEIGHT]) < int(
+        job["metadata"]["annotations"][HOOK_WEIGHT]
+    )
+    for kind in ("Deployment", "Job"):
+        env = env_of(docs, kind)
+        assert env["KIPAM_DATABASE_URL"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"],
+            "key": "database-url",
+        }
+        assert env["KIPAM_REDIS_URL"]["secretKeyRef"]["optional"] is True
+
+
+def test_database_url_is_required() -> None:
+    """Without existingSecret or secret.databaseUrl rendering fails with a clear message."""
+    with pytest.raises(RenderError, match="existingSecret"):
+        render_chart(CHART)
+
+
+def test_existing_secret() -> None:
+    """With existingSecret the chart makes no Secret and both pods read the named one."""
+    docs = render(SCENARIOS["production-ha"])
+    assert not [doc for doc in docs if doc["kind"] == "Secret"]
+    for kind in ("Deployment", "Job"):
+        env = env_of(docs, kind)
+        assert env["KIPAM_DATABASE_URL"]["secretKeyRef"]["name"] == "kipam-db"
+        assert env["KIPAM_REDIS_URL"]["secretKeyRef"]["name"] == "kipam-db"
+
+
+def test_migration_job() -> None:
+    """The hook Job runs `kipam migrate`, never restarts, and is removed once it succeeded."""
+    docs = render(WITH_DSN)
+    job = one(docs, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert (container(docs, "Job")["command"], container(docs, "Job")["args"]) == (
+        ["kipam"],
+        ["migrate"],
+    )
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert not [d for d in render(SCENARIOS["gateway-api"]) if d["kind"] == "Job"]
+
+
+def test_pod_disruption_budget() -> None:
+    """One pod must stay up by default, and the PDB selects exactly the server pods."""
+    docs = render(WITH_DSN)
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == 1
+    selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert pdb["selector"]["matchLabels"] == selector
+
+
+def test_autoscaling_replaces_replicas() -> None:
+    """With the HPA on, the Deployment leaves replicas to it."""
+    docs = render(SCENARIOS["production-ha"])
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 8)
+    assert hpa["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+
+
+def test_network_policy_defaults() -> None:
+    """On by default: in on the two ports, out to DNS, PostgreSQL and Redis only."""
+    policy = one(render(WITH_DSN), "NetworkPolicy")["spec"]
+    (ingress,) = policy["ingress"]
+    assert {p["port"] for p in ingress["ports"]} == {8080, 50051}
+    out = [sorted((p["protocol"], p["port"]) for p in rule["ports"]) for rule in policy["egress"]]
+    assert out == [[("TCP", 53), ("UDP", 53)], [("TCP", 5432)], [("TCP", 6379)]]
+
+
+def test_network_policy_peers_and_otlp() -> None:
+    """Configured peers are applied, and OTLP egress appears with tracing on."""
+    policy = one(render(SCENARIOS["production-ha"]), "NetworkPolicy")["spec"]
+    assert len(policy["ingress"][0]["from"]) == 2
+    assert policy["egress"][1]["to"] == [{"ipBlock": {"cidr": "2001:db8:10::/64"}}]
+    assert policy["egress"][3]["ports"] == [{"protocol": "TCP", "port": 4317}]
+
+
+def test_otel_wiring() -> None:
+    """Tracing values become the standard OTEL_* variables; an endpoint is required."""
+    env = env_of(render(SCENARIOS["production-ha"]))
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert env["OTEL_SERVICE_NAME"] == "kipam"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.05"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == (
+        "k8s.namespace.name=ipam,k8s.pod.name=$(POD_NAME),deployment.environment=production"
+    )
+    with pytest.raises(RenderError, match=r"otel\.endpoint"):
+        render(WITH_DSN | {"otel": {"enabled": True}})
+
+
+def test_service_monitor() -> None:
+    """The ServiceMonitor scrapes /metrics on the http port of the kipam Service."""
+    docs = render(SCENARIOS["production-ha"])
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert one(docs, "Service")["metadata"]["labels"].items() >= (
+        monitor["spec"]["selector"]["matchLabels"].items()
+    )
+
+
+def test_routes() -> None:
+    """HTTPRoute and GRPCRoute send traffic to the matching Service ports."""
+    docs = render(SCENARIOS["gateway-api"])
+    service = one(docs, "Service")["metadata"]["name"]
+    http = one(docs, "HTTPRoute")["spec"]
+    assert http["rules"][0]["backendRefs"] == [{"name": service, "port": 8080}]
+    assert http["rules"][0]["matches"][0]["path"] == {"type": "PathPrefix", "value": "/v1"}
+    grpc = one(docs, "GRPCRoute")["spec"]
+    assert grpc["rules"][0]["backendRefs"] == [{"name": service, "port": 50051}]
+    assert grpc["parentRefs"][0]["sectionName"] == "grpc"
+    ingress = one(docs, "Ingress")["spec"]
+    assert ingress["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "http"}
+
+
+def test_notes() -> None:
+    """NOTES.txt names the Service and the Secret."""
+    notes = render_chart(CHART, WITH_DSN)["NOTES.txt"]
+    assert "kipam.ipam.svc:8080" in notes
+    assert "Secret kipam" in notes
+
+
+# ---------------------------------------------------------------- the renderer itself
+
+
+def test_renderer_trims_and_branches(tmp_path: Path) -> None:
+    """Whitespace trimming, else-if chains and range over maps behave as in Go templates."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "Chart.yaml").write_text("name: t\nversion: 1.0.0\nappVersion: '2'\n")
+    (tmp_path / "values.yaml").write_text("n: 2\nm: {b: 2, a: 1}\n")
+    (tmp_path / "templates" / "t.yaml").write_text(
+        "x:  {{- if eq .Values.n 1 }} one {{- else if eq .Values.n 2 }} two {{- end }}\n"
+        "{{- range $k, $v := .Values.m }}\n{{ $k }}: {{ $v | quote }}\n{{- end }}\n"
+    )
+    assert render_chart(tmp_path)["t.yaml"] == 'x: two\na: "1"\nb: "2"\n'
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{ .Values.missing }}", "{{ .Values.missing.deeper }}", "{{ lower .Values.n }}"],
+)
+def test_renderer_is_strict(tmp_path: Path, template: str) -> None:
+    """Missing values, fields of nothing and unknown functions fail instead of rendering."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "Chart.yaml").write_text("name: t\nversion: 1.0.0\nappVersion: '2'\n")
+    (tmp_path / "values.yaml").write_text("n: A\n")
+    (tmp_path / "templates" / "t.yaml").write_text(template)
+    with pytest.raises(RenderError):
+        render_chart(tmp_path)
