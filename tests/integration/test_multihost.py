@@ -34,10 +34,19 @@ async def test_a_multi_host_dsn_skips_a_host_that_is_down(
     """The first host is down; the service connects to the next one and allocates."""
     _ = clean
     parts = urllib.parse.urlsplit(dsn)
-    hosts = f"127.0.0.1:{_dead_port()},{parts.hostname}:{parts.port or 5432}"
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    # The server as the DSN names it: over TCP, or a unix socket directory (embedded, laptops).
+    host = query.pop("host", parts.hostname or "")
+    port = query.pop("port", str(parts.port or 5432))
+    query |= {
+        "host": f"127.0.0.1,{host}",
+        "port": f"{_dead_port()},{port}",
+        "target_session_attrs": "read-write",
+    }
     user = f"{parts.username}@" if parts.username else ""
-    query = "target_session_attrs=read-write" + (f"&{parts.query}" if parts.query else "")
-    multi = urllib.parse.urlunsplit((parts.scheme, f"{user}{hosts}", parts.path, query, ""))
+    multi = urllib.parse.urlunsplit(
+        (parts.scheme, user, parts.path, urllib.parse.urlencode(query, safe="/,"), "")
+    )
     db = await Database.open(multi, settings)
     try:
         async with use_cases(settings, db) as res:
