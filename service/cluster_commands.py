@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from tqdm import tqdm
 
 from service.clusters import ClusterSettings, EgressIdentity
+from service.commands import emit, key_values
 from service.errors import InvalidRequestError
 from service.render import TARGETS
 from service.rest import text
@@ -191,22 +192,6 @@ def _other_settings() -> list[str]:
     return [n for n in ClusterSettings.__dataclass_fields__ if n not in _LENGTH_FLAGS]
 
 
-def _pairs(pairs: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError(f"{flag} {pair!r} is not KEY=VALUE.", field=flag)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _emit(args: argparse.Namespace, body: Any, table: str) -> None:
-    from service.commands import emit  # noqa: PLC0415 - the two modules use each other
-
-    emit(args, body, table)
-
-
 def _cluster_table(cluster: ClusterOut) -> str:
     rows = [
         (role, pool.name, pool.cidr, pool.policy.default_length or "")
@@ -224,17 +209,17 @@ def _cluster_table(cluster: ClusterOut) -> str:
 def _clusters(args: argparse.Namespace, clusters: list[Cluster], *, one: bool) -> None:
     out = [ClusterOut.from_model(c) for c in clusters]
     if one:
-        _emit(args, out[0], _cluster_table(out[0]))
+        emit(args, out[0], _cluster_table(out[0]))
         return
     rows = [(c.name, c.block, c.ipv4_block or "", c.template, c.node_prefix_length) for c in out]
-    _emit(args, out, text.table(["NAME", "BLOCK", "IPV4 BLOCK", "TEMPLATE", "NODE LENGTH"], rows))
+    emit(args, out, text.table(["NAME", "BLOCK", "IPV4 BLOCK", "TEMPLATE", "NODE LENGTH"], rows))
 
 
 def _templates(args: argparse.Namespace, templates: list[Template], *, one: bool) -> None:
     out = [TemplateOut.from_model(t) for t in templates]
     if one:
         rows = sorted((k, str(v)) for k, v in out[0].settings.items())
-        _emit(
+        emit(
             args,
             out[0],
             f"template {out[0].name}: {out[0].description}\n"
@@ -242,16 +227,16 @@ def _templates(args: argparse.Namespace, templates: list[Template], *, one: bool
         )
         return
     listed = [(t.name, "yes" if t.builtin else "", t.description) for t in out]
-    _emit(args, out, text.table(["NAME", "BUILT-IN", "DESCRIPTION"], listed))
+    emit(args, out, text.table(["NAME", "BUILT-IN", "DESCRIPTION"], listed))
 
 
 def _allocations(args: argparse.Namespace, items: list[Allocation]) -> None:
     out = [AllocationOut.from_model(a) for a in items]
-    _emit(args, out, text.allocations(out))
+    emit(args, out, text.allocations(out))
 
 
 async def _plan(client: KipamClient, args: argparse.Namespace) -> None:
-    overrides = _pairs(args.set, "--set")
+    overrides = key_values(args.set, "--set")
     for name in _LENGTH_FLAGS:
         value = getattr(args, name)
         if value is not None:
@@ -292,7 +277,7 @@ async def _delete(client: KipamClient, args: argparse.Namespace) -> None:
     if args.output == "table":
         sys.stdout.write(f"cluster {cluster.name} deleted (block {cluster.block.cidr})\n")
     else:
-        _emit(args, {"deleted": cluster.name}, "")
+        emit(args, {"deleted": cluster.name}, "")
 
 
 async def _template_list(client: KipamClient, args: argparse.Namespace) -> None:
@@ -307,7 +292,7 @@ async def _template_create(client: KipamClient, args: argparse.Namespace) -> Non
     template, _ = await client.create_template(
         args.name,
         base=args.base,
-        overrides=_pairs(args.set, "--set"),
+        overrides=key_values(args.set, "--set"),
         description=args.description,
     )
     _templates(args, [template], one=True)
@@ -318,7 +303,7 @@ async def _template_delete(client: KipamClient, args: argparse.Namespace) -> Non
     if args.output == "table":
         sys.stdout.write(f"template {args.name} deleted\n")
     else:
-        _emit(args, {"deleted": args.name}, "")
+        emit(args, {"deleted": args.name}, "")
 
 
 def _node_names(args: argparse.Namespace) -> list[str]:
@@ -396,10 +381,10 @@ async def _vip_release(client: KipamClient, args: argparse.Namespace) -> None:
 
 
 async def _egress_allocate(client: KipamClient, args: argparse.Namespace) -> None:
-    identity = EgressIdentity(args.namespace, _pairs(args.label, "--label"))
+    identity = EgressIdentity(args.namespace, key_values(args.label, "--label"))
     _allocations(args, [await client.allocate_egress(args.cluster, identity, ipv4=args.ipv4)])
 
 
 async def _egress_release(client: KipamClient, args: argparse.Namespace) -> None:
-    identity = EgressIdentity(args.namespace, _pairs(args.label, "--label"))
+    identity = EgressIdentity(args.namespace, key_values(args.label, "--label"))
     _allocations(args, await client.release_egress(args.cluster, identity))

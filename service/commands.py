@@ -21,7 +21,6 @@ from opentelemetry import propagate, trace
 from engine import Strategy
 from service import telemetry
 from service.client import DEFAULT_SERVER, KipamClient
-from service.cluster_commands import add_cluster_commands
 from service.errors import InvalidRequestError, ServerUnavailableError
 from service.models import DEFAULT_QUARANTINE_S, PoolPolicy, to_prefix
 from service.observe import tracer
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 
     from service.models import Allocation, Pool
 
-__all__ = ["add_commands", "emit"]
+__all__ = ["add_commands", "emit", "key_values"]
 
 _EXAMPLES: Final = """\
 examples:
@@ -73,6 +72,8 @@ def add_commands(commands: Any, run: Callable[[Coroutine[Any, Any, None]], None]
         )
         sub.set_defaults(func=lambda _settings, args: _call(run, handler, args))
         return sub
+
+    from service.cluster_commands import add_cluster_commands  # noqa: PLC0415 - it imports this
 
     _add_pool_commands(commands, command)
     _add_allocation_commands(commands, command)
@@ -170,14 +171,19 @@ def _time(value: str) -> dt.datetime:
     return parsed
 
 
-def _labels(pairs: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
+def key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` options (``--label``, ``--set``) as a map, taken as written.
+
+    Raises:
+        InvalidRequestError: one without ``=`` or without a key.
+    """
+    out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise InvalidRequestError(f"--label {pair!r} is not KEY=VALUE.", field="label")
-        labels[key] = value
-    return labels
+        if not sep or not key:
+            raise InvalidRequestError(f"{flag} {pair!r} is not KEY=VALUE.", field=flag)
+        out[key] = value
+    return out
 
 
 def emit(args: argparse.Namespace, body: Any, table: str) -> None:
@@ -219,7 +225,7 @@ async def _pool_create(client: KipamClient, args: argparse.Namespace) -> None:
         role=args.role,
         space=args.space,
         policy=policy,
-        labels=_labels(args.label),
+        labels=key_values(args.label, "--label"),
         idempotency_key=args.idempotency_key,
     )
     _pools(args, [pool], one=True)
@@ -268,7 +274,7 @@ async def _allocate(client: KipamClient, args: argparse.Namespace) -> None:
         owner=args.owner,
         length=args.length,
         prefix=args.prefix,
-        labels=_labels(args.label),
+        labels=key_values(args.label, "--label"),
         idempotency_key=args.idempotency_key,
         dry_run=args.dry_run,
     )
