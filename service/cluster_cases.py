@@ -585,8 +585,7 @@ class Clusters:
     async def render(self, name: str, target: str) -> str:
         """The cluster's configuration for one target (:data:`service.render.TARGETS`)."""
         cluster = await self.get(name)
-        if target not in renderer.TARGETS:
-            renderer.render(cluster, target)  # raises the listing error
+        renderer.check_target(target)
         egress = await self.egress_holders(cluster) if target == "egress-policy" else []
         vips = await self.vip_holders(cluster) if target == "lb-ippool" else []
         return renderer.render(cluster, target, egress=egress, vips=vips)

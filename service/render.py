@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from engine import Prefix
     from service.clusters import Cluster, EgressIdentity
 
-__all__ = ["MANAGED_BY", "TARGETS", "render"]
+__all__ = ["MANAGED_BY", "TARGETS", "check_target", "render"]
 
 TARGETS: Final = (
     "kubeadm",
@@ -94,12 +94,8 @@ def render(
             identity given two addresses of one family (field ``egress``); a dual-stack
             cluster without its IPv4 pools (field ``cluster``).
     """
-    build = _BUILDERS.get(target)
-    if build is None:
-        raise InvalidRequestError(
-            f"unknown render target {target!r}; the targets are: {', '.join(TARGETS)}.",
-            field="target",
-        )
+    check_target(target)
+    build = _BUILDERS[target]
     header = (
         f"# Rendered by kipam for cluster {cluster.name} (revision {cluster.revision}); "
         "do not edit, re-render.\n"
@@ -110,6 +106,19 @@ def render(
     if target in {"egress-policy", "lb-ippool"}:
         return header + "".join("---\n" + _dump(doc) for doc in documents)
     return header + _dump(documents[0])
+
+
+def check_target(target: str) -> None:
+    """Refuse a target that is not one of :data:`TARGETS`.
+
+    Raises:
+        InvalidRequestError: an unknown target (field ``target``), listing the targets.
+    """
+    if target not in _BUILDERS:
+        raise InvalidRequestError(
+            f"unknown render target {target!r}; the targets are: {', '.join(TARGETS)}.",
+            field="target",
+        )
 
 
 # -- targets ------------------------------------------------------------------------------------
