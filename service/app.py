@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from service import telemetry
+from service.auth import Authenticator, Tokens
 from service.config import Settings, parse_listen_address
 from service.errors import ListenError, PreconditionFailedError
 from service.grpc.server import GrpcServer
@@ -37,6 +38,7 @@ from service.metrics import PrometheusObserver, watch_kipam
 from service.migrate import migrate, status
 from service.rest.app import build_http_app
 from service.store import Database
+from service.tls import ServerTls
 from service.usecases import Kipam
 
 if TYPE_CHECKING:
@@ -58,19 +60,35 @@ class Resources:
     locks: LockManager
     kipam: Kipam
     database: str  # "embedded" or "external", for the health output
-    # What /metrics answers from; None where the use cases were built without one.
-    metrics: PrometheusObserver | None = None
+    # What /metrics answers from.
+    metrics: PrometheusObserver
+    # Who may call: tokens, scopes, rate limits (everyone, when authentication is off).
+    auth: Authenticator
 
 
 @contextlib.asynccontextmanager
-async def open_database(settings: Settings) -> AsyncIterator[tuple[Database, str]]:
+async def open_database(
+    settings: Settings, *, attach: bool = False
+) -> AsyncIterator[tuple[Database, str]]:
     """The connection pool, on the embedded PostgreSQL when no database is configured.
+
+    Args:
+        settings: Where the database is.
+        attach: Use the embedded PostgreSQL of a running ``kipam serve`` on the same data
+            directory, through its socket, rather than refusing (the directory is in use);
+            one is started when none runs.
 
     Yields:
         The database and its kind, "embedded" or "external".
     """
     embedded: EmbeddedPostgres | None = None
     dsn = settings.database_url
+    if dsn is None and attach:
+        from service.embedded import running_dsn  # noqa: PLC0415 - optional extra
+
+        dsn = running_dsn(settings.data_dir)
+        if dsn is not None:
+            _log.info("using the embedded PostgreSQL of the kipam serving %s", settings.data_dir)
     if dsn is None:
         from service.embedded import EmbeddedPostgres  # noqa: PLC0415 - optional extra
 
@@ -80,7 +98,7 @@ async def open_database(settings: Settings) -> AsyncIterator[tuple[Database, str
     try:
         db = await Database.open(dsn, settings)
         try:
-            yield db, "embedded" if embedded else "external"
+            yield db, "external" if settings.database_url else "embedded"
         finally:
             await db.close()
     finally:
@@ -128,8 +146,15 @@ async def use_cases(
         observer=metrics,
     )
     watch_kipam(metrics, kipam)
+    auth = Authenticator(
+        Tokens(db),
+        required=settings.auth_required,
+        cache_s=settings.auth_cache_s,
+        rate=settings.rate_limit,
+        burst=settings.rate_burst,
+    )
     try:
-        yield Resources(settings, db, locks, kipam, database, metrics)
+        yield Resources(settings, db, locks, kipam, database, metrics, auth)
     finally:
         await kipam.close()
         await locks.close()
@@ -155,6 +180,7 @@ async def serve(settings: Settings) -> None:
 
     Raises:
         ListenError: a listen address cannot be bound.
+        InvalidRequestError: the TLS files cannot be read or do not check out.
     """
     traced = telemetry.configure()  # before the database: its statements are traced too
     try:
@@ -169,7 +195,11 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tls = ServerTls.from_settings(settings)  # unusable files: one clear error, before anything
+    if tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.request_reload)
     async with resources(settings) as res:
+        await check_auth(res)
         with _bind(settings.http_addr, "KIPAM_HTTP_ADDR") as http_socket:
             config = uvicorn.Config(
                 build_http_app(res),
@@ -177,11 +207,19 @@ async def _serve(settings: Settings) -> None:
                 lifespan="off",
                 access_log=False,
                 timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+                # One SSLContext for uvicorn's life; it hands handshakes the current certificate.
+                ssl_context_factory=tls.uvicorn_context if tls is not None else None,
             )
             grpc_server = GrpcServer(res, settings.grpc_addr)
-            await grpc_server.start()
+            await grpc_server.start(tls)
             _tune_gc()
+            reloader = (
+                asyncio.create_task(tls.watch(settings.tls_reload_s), name="kipam-tls-reload")
+                if tls is not None
+                else None
+            )
             try:
+                _log_tls(settings)
                 server = HttpServer(config)
                 task = asyncio.create_task(server.serve(sockets=[http_socket]))
                 _log.info(
@@ -201,7 +239,71 @@ async def _serve(settings: Settings) -> None:
                 server.should_exit = True
                 await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), task)
             finally:
+                if reloader is not None:
+                    reloader.cancel()
                 await grpc_server.stop(settings.shutdown_grace_s)
+
+
+def _log_tls(settings: Settings) -> None:
+    """Say at start whether HTTP and gRPC are encrypted, and whether gRPC asks for client certs."""
+    if not settings.tls:
+        _log.info("TLS off: HTTP and gRPC are plaintext (set KIPAM_TLS_CERT and KIPAM_TLS_KEY)")
+    elif settings.tls_client_ca is None:
+        _log.info(
+            "TLS on for HTTP and gRPC (certificate %s, checked every %.3g s and on SIGHUP)",
+            settings.tls_cert,
+            settings.tls_reload_s,
+        )
+    else:
+        _log.info(
+            "TLS on for HTTP and gRPC (certificate %s, checked every %.3g s and on SIGHUP); "
+            "mTLS on for gRPC: callers need a certificate signed by %s",
+            settings.tls_cert,
+            settings.tls_reload_s,
+            settings.tls_client_ca,
+        )
+
+
+async def check_auth(res: Resources) -> None:
+    """Secure defaults: take the bootstrap token, then refuse to serve where nobody could call.
+
+    Authentication is required whenever a listen address is beyond loopback (or
+    ``KIPAM_AUTH=required``); then at least one live token must exist. Open (``KIPAM_AUTH=off``,
+    or loopback by default) is said at start, loudly beyond loopback.
+
+    Raises:
+        PreconditionFailedError: authentication is required and there is no live token.
+    """
+    settings = res.settings
+    if settings.bootstrap_token:
+        await res.auth.tokens.bootstrap(settings.bootstrap_token)
+    if not settings.auth_required:
+        if settings.loopback_only:
+            _log.warning(
+                "authentication is off: kipam listens on loopback only, and every local "
+                "process may change address space (set KIPAM_AUTH=required to require tokens)"
+            )
+        else:
+            _log.warning(
+                "authentication is OFF (KIPAM_AUTH=off) on a non-loopback address: anyone who "
+                "can reach %s or %s may take, release or read address space",
+                settings.http_addr,
+                settings.grpc_addr,
+            )
+        return
+    if not await res.auth.tokens.any_live():
+        raise PreconditionFailedError(
+            "Authentication is required "
+            + (
+                "(KIPAM_AUTH=required)"
+                if settings.auth == "required"
+                else "(kipam listens beyond loopback)"
+            )
+            + " but the database holds no live API token, so nobody could call. Create one "
+            "with `kipam token create NAME --scope admin` against the same database, or set "
+            "KIPAM_BOOTSTRAP_TOKEN; or set KIPAM_AUTH=off to serve without authentication."
+        )
+    _log.info("authentication is required (API tokens)")
 
 
 def _tune_gc() -> None:

@@ -82,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--output", choices=["table", "json"], default="table")
     mig.set_defaults(func=_migrate)
     from service.commands import add_commands  # noqa: PLC0415 - the client's imports
+    from service.token_commands import add_token_commands  # noqa: PLC0415
 
     add_commands(commands, _run)
+    add_token_commands(commands, _run)
     return parser
 
 
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(settings, args)
     except (ServiceError, EngineError, OSError) as exc:
         message = exc.message if isinstance(exc, ServiceError | EngineError) else str(exc)
+        if kind_of(exc) is Kind.UNAUTHENTICATED:
+            message += " The kipam commands send one given with --token or KIPAM_TOKEN."
         print(f"kipam {args.command}: {message}", file=sys.stderr)
         return EXIT_CONFLICT if kind_of(exc) in {Kind.CONFLICT, Kind.EXHAUSTED} else EXIT_ERROR
     except KeyboardInterrupt:

@@ -157,7 +157,11 @@ class KipamClient:
     Args:
         server: ``host:port`` of the gRPC API (IPv6 hosts in brackets).
         timeout: Deadline of each call, in seconds.
-        metadata: Sent with every call (``authorization``, ``x-request-id``...).
+        metadata: Sent with every call (``x-request-id``...).
+        credentials: Connect over TLS with these (:func:`service.tls.client_credentials`:
+            the CA to trust, and a client certificate where the server requires one);
+            None: plaintext.
+        token: A bearer token, sent with every call as ``authorization: Bearer ...``.
     """
 
     def __init__(
@@ -166,16 +170,22 @@ class KipamClient:
         *,
         timeout: float = 30.0,
         metadata: Sequence[tuple[str, str]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.server = server
         self.timeout = timeout
         self.metadata = tuple(metadata)
-        self._channel = grpc.aio.insecure_channel(
-            server,
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
+        if token:
+            self.metadata = (*self.metadata, ("authorization", f"Bearer {token}"))
+        options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self._channel = (
+            grpc.aio.insecure_channel(server, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(server, credentials, options=options)
         )
         self._pools = ppb_grpc.PoolServiceStub(self._channel)
         self._allocations = apb_grpc.AllocationServiceStub(self._channel)

@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -26,6 +27,7 @@ from service.models import DEFAULT_QUARANTINE_S, PoolPolicy, to_prefix
 from service.observe import tracer
 from service.rest import text
 from service.rest.schemas import AllocationOut, PoolOut, UsageOut
+from service.tls import client_credentials
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -54,6 +56,34 @@ def add_commands(commands: Any, run: Callable[[Coroutine[Any, Any, None]], None]
     )
     common.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    common.add_argument(
+        "--token",
+        default=os.environ.get("KIPAM_TOKEN") or None,
+        help="bearer token sent with every call (env KIPAM_TOKEN)",
+    )
+    common.add_argument(
+        "--tls", action="store_true", help="connect over TLS, trusting the system's CAs"
+    )
+    common.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=os.environ.get("KIPAM_CA_CERT") or None,
+        help="PEM CA bundle to trust for the server's certificate (env KIPAM_CA_CERT; "
+        "implies --tls)",
+    )
+    common.add_argument(
+        "--client-cert",
+        type=Path,
+        default=os.environ.get("KIPAM_CLIENT_CERT") or None,
+        help="PEM client certificate, for a server that requires one (mTLS; env "
+        "KIPAM_CLIENT_CERT; implies --tls)",
+    )
+    common.add_argument(
+        "--client-key",
+        type=Path,
+        default=os.environ.get("KIPAM_CLIENT_KEY") or None,
+        help="PEM private key of --client-cert (env KIPAM_CLIENT_KEY)",
+    )
 
     def command(
         parent: Any,
@@ -136,7 +166,13 @@ def _call(
     args: argparse.Namespace,
 ) -> int:
     async def go() -> None:
-        async with KipamClient(args.server, timeout=args.timeout) as client:
+        tls = args.tls or any((args.ca_cert, args.client_cert, args.client_key))
+        credentials = (
+            client_credentials(args.ca_cert, args.client_cert, args.client_key) if tls else None
+        )
+        async with KipamClient(
+            args.server, timeout=args.timeout, credentials=credentials, token=args.token
+        ) as client:
             try:
                 await handler(client, args)
             except ServerUnavailableError as exc:

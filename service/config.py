@@ -6,12 +6,17 @@ engine never sees settings at all (DESIGN.md, "Configuration").
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from service.errors import InvalidRequestError
+
+# An API token's text (service.auth makes and checks them).
+TOKEN: Final = re.compile(r"kipam_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -53,6 +58,20 @@ class Settings:
         max_message_bytes: Largest gRPC request accepted (RESOURCE_EXHAUSTED beyond).
         log_level: ``debug``, ``info`` (one line per request), ``warning`` or ``error``.
         log_format: ``json``, ``console``, or ``auto`` (console on a terminal, else JSON).
+        auth: ``required`` or ``off``; None (unset) means required whenever either listen
+            address is beyond loopback, off on loopback (``kipam serve`` says so at start).
+        auth_cache_s: How long a replica trusts a token it has checked before reading it
+            again (a revocation or expiry in the database takes effect within this time).
+        rate_limit: Requests per second each token may make to one replica (0: no limit).
+        rate_burst: How many requests a token may make at once before the rate applies.
+        tls_cert: PEM certificate chain for REST and gRPC; with ``tls_key``, TLS is on.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_client_ca: PEM CA bundle; when set, gRPC callers must present a certificate it
+            signed (mTLS).
+        tls_reload_s: How often the certificate files are checked for a new certificate.
+        bootstrap_token: An admin token (``kipam token generate``) that ``kipam serve``
+            stores, as token ``bootstrap``, unless its key is known already (a revoked one
+            stays revoked): the first token of a deployment made from a secret.
     """
 
     database_url: str | None = None
@@ -73,6 +92,33 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "auto"
+    auth: str | None = None
+    auth_cache_s: float = 5.0
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_reload_s: float = 10.0
+    bootstrap_token: str | None = field(default=None, repr=False)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether both listen addresses are loopback addresses (127.0.0.0/8, ::1, localhost)."""
+        return all(
+            _is_loopback(parse_listen_address(address)[0])
+            for address in (self.http_addr, self.grpc_addr)
+        )
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether every API call must carry a token (``KIPAM_AUTH``, else by address)."""
+        return self.auth == "required" if self.auth is not None else not self.loopback_only
+
+    @property
+    def tls(self) -> bool:
+        """Whether REST and gRPC are served over TLS."""
+        return self.tls_cert is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -104,9 +150,33 @@ class Settings:
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024)),
             log_level=env.choice("LOG_LEVEL", cls.log_level, ("debug", "info", "warning", "error")),
             log_format=env.choice("LOG_FORMAT", cls.log_format, ("auto", "json", "console")),
+            auth=env.choice("AUTH", "off", ("required", "off")) if get("AUTH") else None,
+            auth_cache_s=number("AUTH_CACHE_S", cls.auth_cache_s, minimum=0.0),
+            rate_limit=number("RATE_LIMIT", cls.rate_limit, minimum=0.0),
+            rate_burst=int(number("RATE_BURST", cls.rate_burst, minimum=1)),
+            tls_cert=env.path("TLS_CERT"),
+            tls_key=env.path("TLS_KEY"),
+            tls_client_ca=env.path("TLS_CLIENT_CA"),
+            tls_reload_s=number("TLS_RELOAD_S", cls.tls_reload_s, minimum=0.1),
+            bootstrap_token=get("BOOTSTRAP_TOKEN"),
         )
         parse_listen_address(settings.http_addr, "KIPAM_HTTP_ADDR")
         parse_listen_address(settings.grpc_addr, "KIPAM_GRPC_ADDR")
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise InvalidRequestError(
+                "Set both KIPAM_TLS_CERT and KIPAM_TLS_KEY, or neither.", field="KIPAM_TLS_CERT"
+            )
+        if settings.tls_client_ca is not None and settings.tls_cert is None:
+            raise InvalidRequestError(
+                "KIPAM_TLS_CLIENT_CA (mTLS) needs KIPAM_TLS_CERT and KIPAM_TLS_KEY.",
+                field="KIPAM_TLS_CLIENT_CA",
+            )
+        if settings.bootstrap_token is not None and not TOKEN.fullmatch(settings.bootstrap_token):
+            raise InvalidRequestError(
+                "KIPAM_BOOTSTRAP_TOKEN is not a kipam token (kipam_<key id>_<secret>); make one "
+                "with `kipam token generate`.",
+                field="KIPAM_BOOTSTRAP_TOKEN",
+            )
         if settings.db_pool_min > settings.db_pool_max:
             raise InvalidRequestError(
                 "KIPAM_DB_POOL_MIN must not exceed KIPAM_DB_POOL_MAX.", field="KIPAM_DB_POOL_MIN"
@@ -133,6 +203,11 @@ class _Env:
                 field=f"KIPAM_{name}",
             )
         return value
+
+    def path(self, name: str) -> Path | None:
+        """A file path, or None when unset."""
+        text = self.get(name)
+        return Path(text).expanduser() if text else None
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
         text = self.get(name)
@@ -161,6 +236,15 @@ class _Env:
         raise InvalidRequestError(
             f"KIPAM_{name}={text!r} is not a boolean (true/false).", field=f"KIPAM_{name}"
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen_address(text: str, name: str = "address") -> tuple[str, int]:

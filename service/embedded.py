@@ -129,6 +129,7 @@ __all__ = [
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
     "default_data_dir",
+    "running_dsn",
 ]
 
 _log = logging.getLogger(__name__)
@@ -439,10 +440,9 @@ class EmbeddedPostgres:
 
     def _pick_socket_dir(self) -> Path:
         """``pgdata`` if the socket path fits in ``sun_path``, else a private temp directory."""
-        if len(os.fsencode(self._pgdata / f".s.PGSQL.{_PORT}")) <= _SOCKET_PATH_MAX:
-            return self._pgdata
-        digest = hashlib.sha256(os.fsencode(self._pgdata)).hexdigest()[:16]
-        directory = Path(tempfile.gettempdir()) / f"kipam-pg-{digest}"
+        directory = _socket_dir_of(self._pgdata)
+        if directory == self._pgdata:
+            return directory
         owner = self._user.uid if self._user is not None else os.geteuid()
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=0o700)
@@ -585,6 +585,35 @@ class EmbeddedPostgres:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _socket_dir_of(pgdata: Path) -> Path:
+    """Where the server of ``pgdata`` puts its socket.
+
+    ``pgdata`` if the path fits in a unix socket address, else ``<tmp>/kipam-pg-<hash>``.
+    """
+    if len(os.fsencode(pgdata / f".s.PGSQL.{_PORT}")) <= _SOCKET_PATH_MAX:
+        return pgdata
+    digest = hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"kipam-pg-{digest}"
+
+
+def running_dsn(data_dir: Path) -> str | None:
+    """The DSN of the embedded PostgreSQL that a running ``kipam serve`` owns in ``data_dir``.
+
+    For commands that work on the server's database while it runs (``kipam token``): they
+    connect to its socket instead of starting a second server. None when no server of this
+    data directory runs.
+    """
+    pgdata = Path(os.path.abspath(data_dir.expanduser())) / _PGDATA  # noqa: PTH100 - keep symlinks
+    pid = _read_pid_file(pgdata / _PID_FILE)
+    if pid is None or pid <= 0 or not _is_postmaster_of(pid, pgdata):
+        return None
+    socket_dir = _socket_dir_of(pgdata)
+    if not (socket_dir / f".s.PGSQL.{_PORT}").exists():
+        return None
+    host = quote(str(socket_dir), safe="/")
+    return f"postgresql://{_SUPERUSER}@/{DATABASE}?host={host}&port={_PORT}"
 
 
 def _bin_dir() -> Path:

@@ -18,6 +18,7 @@ service adds its own kinds of failure and maps both, here and only here::
     |   +-- ListenError              (server side) an address to serve on cannot be bound
     +-- UnauthenticatedError         kind UNAUTHENTICATED  no valid credentials
     +-- PermissionDeniedError        kind FORBIDDEN     credentials without the right
+    +-- RateLimitedError             kind RATE_LIMITED  a token over its request rate
     +-- InternalError                kind INTERNAL      (client side) the server failed
 
 Driver errors (asyncpg, redis) never leave the store and lock modules: they are translated
@@ -46,6 +47,7 @@ __all__ = [
     "PermissionDeniedError",
     "PoolNotFoundError",
     "PreconditionFailedError",
+    "RateLimitedError",
     "ReferenceNotFoundError",
     "ResourceNotFoundError",
     "ServerUnavailableError",
@@ -69,6 +71,7 @@ class Kind(enum.Enum):
     UNAVAILABLE = "unavailable"
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 
@@ -90,6 +93,7 @@ STATUS: Final[dict[Kind, Status]] = {
     Kind.UNAVAILABLE: Status("UNAVAILABLE", 503),
     Kind.UNAUTHENTICATED: Status("UNAUTHENTICATED", 401),
     Kind.FORBIDDEN: Status("PERMISSION_DENIED", 403),
+    Kind.RATE_LIMITED: Status("RESOURCE_EXHAUSTED", 429),
     Kind.INTERNAL: Status("INTERNAL", 500),
 }
 
@@ -207,6 +211,16 @@ class PermissionDeniedError(ServiceError):
     """The credentials do not allow this operation on this resource."""
 
     kind = Kind.FORBIDDEN
+
+
+class RateLimitedError(ServiceError):
+    """A token made more requests than its rate allows; retry after ``retry_after_s``."""
+
+    kind = Kind.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InternalError(ServiceError):

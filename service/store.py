@@ -231,8 +231,10 @@ async def _reset_if_needed(conn: asyncpg.Connection) -> None:
 class Database:
     """The asyncpg connection pool, with errors translated at the boundary."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 10.0) -> None:
         self._pool = pool
+        # The most a caller waits for a free connection (every one busy): then UNAVAILABLE.
+        self._acquire_s = acquire_timeout_s
 
     @classmethod
     async def open(cls, dsn: str, settings: Settings) -> Database:
@@ -263,7 +265,7 @@ class Database:
             )
         except Exception as exc:
             raise translate(exc) from exc
-        return cls(pool)
+        return cls(pool, acquire_timeout_s=settings.statement_timeout_s)
 
     async def close(self) -> None:
         """Close every connection, waiting at most 10 s for those in use."""
@@ -280,7 +282,7 @@ class Database:
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; driver errors inside become service errors."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_s) as conn:
                 # A pool proxy behaves as the connection it wraps.
                 yield cast("asyncpg.Connection", conn)
         except ServiceError:
@@ -291,7 +293,8 @@ class Database:
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run one query on a pooled connection."""
         try:
-            rows: list[asyncpg.Record] = await self._pool.fetch(sql, *args)
+            async with self._pool.acquire(timeout=self._acquire_s) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise translate(exc) from exc
         return rows
@@ -301,13 +304,15 @@ class Database:
 
         For callers that tell one database refusal from another (the fenced write).
         """
-        rows: list[asyncpg.Record] = await self._pool.fetch(sql, *args)
+        async with self._pool.acquire(timeout=self._acquire_s) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
         return rows
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run one query returning at most one row."""
         try:
-            row: asyncpg.Record | None = await self._pool.fetchrow(sql, *args)
+            async with self._pool.acquire(timeout=self._acquire_s) as conn:
+                row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise translate(exc) from exc
         return row

@@ -1727,6 +1727,21 @@ class Kipam:
         self._submit(job)
         return await job.future
 
+    async def pool_of(self, allocation_id: int) -> str:
+        """The name of the pool an allocation was taken from (for authorization).
+
+        Raises:
+            AllocationNotFoundError: no such allocation.
+        """
+        row = await self.db.fetchrow(
+            "SELECT pool_name FROM changes"
+            " WHERE allocation_id = $1 AND kind = 'allocation.created'",
+            _check_id(allocation_id),
+        )
+        if row is None:
+            raise AllocationNotFoundError(allocation_id)
+        return str(row["pool_name"])
+
     async def get_allocation(self, allocation_id: int) -> Allocation:
         """One allocation, in any state."""
         row = await self.db.fetchrow(

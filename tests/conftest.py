@@ -243,7 +243,7 @@ async def _clean(db: Database) -> None:
     async with db.connection() as conn:
         await conn.execute(
             """
-            TRUNCATE changes, allocations, pools, spaces, clusters, cluster_templates
+            TRUNCATE changes, allocations, pools, spaces, clusters, cluster_templates, tokens
                 RESTART IDENTITY CASCADE;
             DO $$
             DECLARE part regclass;
@@ -266,6 +266,7 @@ class LiveServer:
     url: str
     grpc: str
     log: Path
+    dsn: str = ""  # its database
 
 
 @pytest.fixture(name="live_server", scope="module")
@@ -320,7 +321,7 @@ def live_server_process(
             except OSError:
                 assert time.monotonic() < deadline, "kipam serve did not become ready"
                 time.sleep(0.1)
-        yield LiveServer(url, f"127.0.0.1:{grpc}", log)
+        yield LiveServer(url, f"127.0.0.1:{grpc}", log, env["KIPAM_DATABASE_URL"])
     finally:
         proc.terminate()
         proc.wait(30)

@@ -145,9 +145,22 @@ def timestamp_pb(value: dt.datetime | None, out: Timestamp) -> None:
         out.FromDatetime(value)
 
 
-def timestamp_from_pb(value: Timestamp) -> dt.datetime:
-    """A Timestamp as an aware UTC datetime."""
-    return value.ToDatetime(dt.UTC)
+def timestamp_from_pb(value: Timestamp, *, field: str = "timestamp") -> dt.datetime:
+    """A Timestamp as an aware UTC datetime.
+
+    Raises:
+        InvalidRequestError: seconds beyond years 1-9999, or nanos beyond a second (a
+            Timestamp's own rules); the error names ``field``.
+    """
+    try:
+        return value.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidRequestError(
+            f"{field} (seconds {value.seconds}, nanos {value.nanos}) is not a valid Timestamp: "
+            "seconds must lie within the years 1 to 9999 (-62135596800 to 253402300799) and "
+            "nanos within 0 to 999999999.",
+            field=field,
+        ) from exc
 
 
 def _opt_int(message: object, name: str) -> int | None:

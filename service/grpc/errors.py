@@ -15,6 +15,10 @@ error becomes the status of its kind (the one table, :data:`service.errors.STATU
 Anything else is a bug: it is logged with its traceback and the caller gets INTERNAL with
 the request id, never the traceback. :func:`service.client.error_from_rpc` is the reverse.
 
+Requests are parsed here too, not by grpcio: grpcio's aio server answers bytes that are not
+the method's message (garbage, a string field that is not UTF-8) with UNKNOWN and logs a
+traceback, but they are the caller's mistake, so they are INVALID_ARGUMENT like any other.
+
 The same interceptor gives every call its request id (the caller's ``x-request-id`` when it
 is 1-128 printable characters, else a new one), for the handler in :data:`REQUEST_ID` and for
 the caller in the trailing metadata, errors included, as REST's ``X-Request-ID`` header.
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -42,6 +47,7 @@ from service.errors import (
     InvalidRequestError,
     Kind,
     PoolNotFoundError,
+    RateLimitedError,
     ResourceNotFoundError,
     kind_of,
 )
@@ -59,6 +65,10 @@ _log = logging.getLogger("kipam.grpc")
 DOMAIN: Final = "kipam"
 _RETRY_AFTER_S: Final = 1
 _KIPAM: Final = "/kipam."
+# Bytes of UTF-8 kept of a message (and of a field name): messages quote the input, and a
+# status travels in HTTP/2 trailers, which clients refuse beyond 16 KiB, failing the call.
+_MAX_MESSAGE: Final = 1024
+_MAX_FIELD: Final = 256
 # The running call's request id (set by the interceptor before the handler runs).
 REQUEST_ID: ContextVar[str] = ContextVar("kipam_request_id", default="")
 
@@ -96,6 +106,27 @@ def _broken_rules(error: ClusterCheckError) -> error_details_pb2.BadRequest:
     )
 
 
+def _retry(error: BaseException) -> error_details_pb2.RetryInfo | None:
+    """When to retry: after a token's rate allows it, or a second for UNAVAILABLE."""
+    if isinstance(error, RateLimitedError):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, round(error.retry_after_s * 1e9)))
+        return error_details_pb2.RetryInfo(retry_delay=delay)
+    if kind_of(error) is Kind.UNAVAILABLE:
+        return error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=_RETRY_AFTER_S)
+        )
+    return None
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text``, cut to at most ``limit`` bytes of UTF-8 (marked when cut)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 16].decode(errors="ignore") + "... (truncated)"
+
+
 def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
     """The status (code, message, details) an error is reported with."""
     kind = kind_of(error)
@@ -103,11 +134,12 @@ def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
     if kind is Kind.INTERNAL:
         message = f"Internal error (request id {request_id or 'none'}); it has been logged."
     else:
-        message = getattr(error, "message", None) or str(error)
+        message = _clip(getattr(error, "message", None) or str(error), _MAX_MESSAGE)
     metadata: dict[str, str] = {}
     details: list[Message] = []
     field = getattr(error, "field", None)
     if isinstance(error, InvalidRequestError) and field:
+        field = _clip(field, _MAX_FIELD)
         metadata["field"] = field
         details.append(
             error_details_pb2.BadRequest(
@@ -147,10 +179,9 @@ def status_for(error: BaseException, request_id: str = "") -> grpc.Status:
                 ]
             )
         )
-    if kind is Kind.UNAVAILABLE:
-        details.append(
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_RETRY_AFTER_S))
-        )
+    retry = _retry(error)
+    if retry is not None:
+        details.append(retry)
     info = error_details_pb2.ErrorInfo(reason=kind.name, domain=DOMAIN, metadata=metadata)
     status = status_pb2.Status(
         code=code, message=message, details=[_pack(info), *(_pack(d) for d in details)]
@@ -207,30 +238,46 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpc
         if handler is None or not handler_call_details.method.startswith(_KIPAM):
             return handler  # health and reflection: nothing of ours to map, no request id
         method = handler_call_details.method
+        parse = handler.request_deserializer
+        # grpcio hands the guard the request's bytes (no deserializer); the guard parses them.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _guard_unary(handler.unary_unary, method, parse),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                _guard_stream(handler.unary_stream, method, parse),
                 response_serializer=handler.response_serializer,
             )
         return handler  # kipam has no client-streaming calls
 
 
+def _parse(parse: Callable[[bytes], object] | None, request: object) -> object:
+    """The request message from its bytes.
+
+    Raises:
+        InvalidRequestError: the bytes are not the method's message.
+    """
+    if parse is None or not isinstance(request, bytes):
+        return request
+    try:
+        return parse(request)
+    except DecodeError as exc:
+        raise InvalidRequestError(f"The request is not a valid message: {exc}") from exc
+
+
 def _guard_unary(
-    behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]], method: str
+    behavior: Callable[[object, grpc.aio.ServicerContext], Awaitable[object]],
+    method: str,
+    parse: Callable[[bytes], object] | None,
 ) -> Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> object:
         started = time.perf_counter()
         request_id = _begin(context)
         code = "OK"
         try:
-            return await behavior(request, context)
+            return await behavior(_parse(parse, request), context)
         except grpc.aio.AbortError:
             code = "ABORTED_BY_HANDLER"
             raise
@@ -248,14 +295,16 @@ def _guard_unary(
 
 
 def _guard_stream(
-    behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]], method: str
+    behavior: Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]],
+    method: str,
+    parse: Callable[[bytes], object] | None,
 ) -> Callable[[object, grpc.aio.ServicerContext], AsyncIterator[object]]:
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
         started = time.perf_counter()
         request_id = _begin(context)
         code = "OK"
         try:
-            async for item in behavior(request, context):
+            async for item in behavior(_parse(parse, request), context):
                 yield item
         except grpc.aio.AbortError:
             code = "ABORTED_BY_HANDLER"

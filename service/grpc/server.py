@@ -25,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import telemetry
+from service.auth import PRINCIPAL
 from service.errors import InvalidRequestError, ListenError
 from service.grpc import convert
+from service.grpc.auth import AuthInterceptor
 from service.grpc.errors import REQUEST_ID, ErrorInterceptor
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import allocation_pb2_grpc as apb_grpc
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from service.app import Resources
+    from service.tls import ServerTls
     from service.usecases import Kipam
 
 __all__ = ["GrpcServer", "request_context"]
@@ -61,7 +64,9 @@ def request_context(context: Context) -> RequestContext:
     traceparent = next(
         (str(v) for k, v in context.invocation_metadata() or () if k == "traceparent"), None
     )
-    return RequestContext.from_headers(REQUEST_ID.get() or None, traceparent)
+    return RequestContext.from_headers(
+        REQUEST_ID.get() or None, traceparent, actor=PRINCIPAL.get().name
+    )
 
 
 def _page_size(value: int) -> int:
@@ -212,7 +217,7 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
     async def LookupAddress(
         self, request: apb.LookupAddressRequest, context: Context
     ) -> apb.LookupAddressResponse:
-        at = convert.timestamp_from_pb(request.at) if request.HasField("at") else None
+        at = convert.timestamp_from_pb(request.at, field="at") if request.HasField("at") else None
         host = to_address(request.address)
         found = await self.kipam.lookup(host, at=at)
         return apb.LookupAddressResponse(
@@ -226,7 +231,11 @@ class AllocationServicer(apb_grpc.AllocationServiceServicer):
         page = await self.kipam.history(
             prefix=request.prefix or None,
             pool=request.pool or None,
-            since=convert.timestamp_from_pb(request.since) if request.HasField("since") else None,
+            since=(
+                convert.timestamp_from_pb(request.since, field="since")
+                if request.HasField("since")
+                else None
+            ),
             after=request.page_token or None,
             limit=_page_size(request.page_size),
         )
@@ -406,7 +415,11 @@ class GrpcServer:
         self.address = address
         self._probe_s = probe_s
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
+            interceptors=[
+                *telemetry.server_interceptors(),
+                ErrorInterceptor(),
+                AuthInterceptor(res.auth, res.kipam),
+            ],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -425,14 +438,21 @@ class GrpcServer:
         self._probe: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, tls: ServerTls | None = None) -> None:
         """Bind and start serving; health follows the database from now on.
+
+        Args:
+            tls: Serve over TLS with this (reloading) certificate, and require client
+                certificates when it has a client CA; None: plaintext.
 
         Raises:
             ListenError: the address cannot be bound.
         """
         try:
-            self.port = self.server.add_insecure_port(self.address)
+            if tls is None:
+                self.port = self.server.add_insecure_port(self.address)
+            else:
+                self.port = self.server.add_secure_port(self.address, tls.grpc_credentials)
         except RuntimeError as exc:
             raise ListenError(
                 f"Cannot listen for gRPC on {self.address} (KIPAM_GRPC_ADDR): the port is taken "

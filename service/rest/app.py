@@ -20,15 +20,17 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema, Tag
 from litestar.response import Response
 from litestar.static_files import create_static_files_router
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import telemetry
 from service.logs import AccessLog
 from service.migrate import status
 from service.rest import problems
 from service.rest.clusters import ClusterController, TemplateController
+from service.rest.guard import auth_guard
 from service.rest.paths import PoolPaths, RequestIds
 from service.rest.routes import AllocationController, PoolController, QueryController
+from service.rest.tokens import TokenController
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp
@@ -85,7 +87,7 @@ def build_http_app(res: Resources) -> ASGIApp:
         }
         return Response(body, status_code=200 if ready else 503)
 
-    registry = res.metrics.registry if res.metrics is not None else CollectorRegistry()
+    registry = res.metrics.registry
 
     # On the event loop, not in a thread: the collectors read the engines, which only the
     # loop changes (a few microseconds per pool).
@@ -107,6 +109,12 @@ def build_http_app(res: Resources) -> ASGIApp:
             Tag(name="pools", description="Named CIDRs and what hangs off one."),
             Tag(name="allocations", description="Prefixes held by owners."),
             Tag(name="queries", description="Who holds an address; what happened."),
+            Tag(
+                name="clusters",
+                description="Cluster plans and what their nodes, Services "
+                "and egress gateways hold.",
+            ),
+            Tag(name="tokens", description="API tokens (admin)."),
         ],
         render_plugins=[
             SwaggerRenderPlugin(
@@ -129,13 +137,19 @@ def build_http_app(res: Resources) -> ASGIApp:
             QueryController,
             ClusterController,
             TemplateController,
+            TokenController,
             create_static_files_router(
                 path=_UI_ASSETS,
                 directories=[_swagger_ui_assets()],
                 include_in_schema=False,
             ),
         ],
-        dependencies={"kipam": Provide(lambda: res.kipam, sync_to_thread=False)},
+        dependencies={
+            "kipam": Provide(lambda: res.kipam, sync_to_thread=False),
+            "auth": Provide(lambda: res.auth, sync_to_thread=False),
+        },
+        guards=[auth_guard(res)],
+        request_max_body_size=res.settings.max_message_bytes,
         exception_handlers={Exception: problems.handle},
         openapi_config=openapi,
         logging_config=None,

@@ -12,6 +12,7 @@ answered 500 with the request id only.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,7 +25,7 @@ from litestar.exceptions import (
 from litestar.response import Response
 
 from engine.errors import ClusterCheckError, PoolExhaustedError, PrefixConflictError
-from service.errors import STATUS, AlreadyExistsError, Kind, kind_of
+from service.errors import STATUS, AlreadyExistsError, Kind, RateLimitedError, kind_of
 from service.rest.paths import original_path
 from service.rest.schemas import Problem, RuleViolation
 
@@ -45,16 +46,23 @@ _TITLES: Final = {
     Kind.UNAVAILABLE: "Service unavailable",
     Kind.UNAUTHENTICATED: "Unauthenticated",
     Kind.FORBIDDEN: "Forbidden",
+    Kind.RATE_LIMITED: "Too many requests",
     Kind.INTERNAL: "Internal error",
 }
 # msgspec's "... - at `$.requests[0].owner`" and "unknown field `x`" name the field.
 _AT: Final = re.compile(r"at `\$\.?([^`]*)`|unknown field `([^`]*)`")
 
 
-def _problem(request: Request[Any, Any, Any], problem: Problem) -> Response[bytes]:
+def _problem(
+    request: Request[Any, Any, Any], problem: Problem, retry_after_s: float = 1.0
+) -> Response[bytes]:
     problem.instance = original_path(request)
     problem.request_id = request.headers.get("x-request-id") or None
-    headers = {"Retry-After": "1"} if problem.status == 503 else None
+    headers: dict[str, str] | None = None
+    if problem.status in {429, 503}:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    elif problem.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="kipam"'}
     return Response(
         msgspec.json.encode(problem),
         status_code=problem.status,
@@ -80,16 +88,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return _problem(request, _validation(exc))
     if isinstance(exc, NotFoundException):
         return _problem(request, _of_kind(Kind.NOT_FOUND, "There is no such resource."))
-    if isinstance(exc, HTTPException):  # 405, 413, ... raised by Litestar itself
-        return _problem(
-            request,
-            Problem(
-                type="about:blank",
-                title=exc.detail or "HTTP error",
-                status=exc.status_code,
-                detail=exc.detail or "",
-            ),
-        )
+    if isinstance(exc, HTTPException | UnicodeDecodeError):
+        return _problem(request, _http(exc))
     kind = kind_of(exc)
     if kind is Kind.INTERNAL:
         _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -111,7 +111,25 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         extra.update(pool=str(exc.pool), length=exc.length)
         if exc.largest_free is not None:
             extra["largest_free"] = str(exc.largest_free)
-    return _problem(request, _of_kind(kind, message, **extra))
+    retry = exc.retry_after_s if isinstance(exc, RateLimitedError) else 1.0
+    return _problem(request, _of_kind(kind, message, **extra), retry)
+
+
+def _http(exc: HTTPException | UnicodeDecodeError) -> Problem:
+    """What Litestar raised itself (405, 413, 400 for malformed JSON...), as a problem.
+
+    msgspec raises ``UnicodeDecodeError`` (not its ``DecodeError``) for a JSON body whose
+    strings are not UTF-8: that is a malformed body too, 400 like malformed JSON.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        detail = f"The request is not valid UTF-8 (byte {exc.start}: {exc.reason})."
+        return Problem(type="about:blank", title="Bad Request", status=400, detail=detail)
+    return Problem(
+        type="about:blank",
+        title=exc.detail or "HTTP error",
+        status=exc.status_code,
+        detail=exc.detail or "",
+    )
 
 
 def _validation(exc: ValidationException) -> Problem:

@@ -30,6 +30,7 @@ from litestar.response import Response
 from service.errors import InvalidRequestError
 from service.models import RequestContext, address_text, to_address
 from service.rest import text
+from service.rest.guard import principal_of
 from service.rest.paths import original_path
 from service.rest.problems import PROBLEM_MEDIA_TYPE
 from service.rest.schemas import (
@@ -109,18 +110,23 @@ def errors(*statuses: int) -> dict[int, ResponseSpec]:
         409: "A conflict: the name or prefix is taken, the pool is exhausted, or its state "
         "forbids the change.",
         422: "Invalid input; `field` names it (and `violations` each broken cluster rule).",
+        401: "No valid API token (missing, unknown, revoked or expired).",
+        403: "The token's scope or pool patterns do not allow this.",
+        429: "The token is over its request rate; retry after `Retry-After` seconds.",
         503: "The database or a pool lock did not answer in time; retry.",
     }
     return {
         code: ResponseSpec(Problem, description=described[code], media_type=PROBLEM_MEDIA_TYPE)
-        for code in (*statuses, 503)
+        for code in (*statuses, 401, 403, 429, 503)
     }
 
 
 def context(request: Request[Any, Any, Any]) -> RequestContext:
-    """The request's id and trace, from its headers."""
+    """Who asks (the guard's principal), and the request's id and trace from its headers."""
     return RequestContext.from_headers(
-        request.headers.get("x-request-id"), request.headers.get("traceparent")
+        request.headers.get("x-request-id"),
+        request.headers.get("traceparent"),
+        actor=principal_of(request).name,
     )
 
 

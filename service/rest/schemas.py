@@ -24,6 +24,7 @@ from service.models import (
 )
 
 if TYPE_CHECKING:
+    from service.auth import Token
     from service.clusters import Cluster, Template
 
 __all__ = [
@@ -49,6 +50,10 @@ __all__ = [
     "TemplateIn",
     "TemplateList",
     "TemplateOut",
+    "TokenCreatedOut",
+    "TokenIn",
+    "TokenList",
+    "TokenOut",
     "UsageOut",
 ]
 
@@ -492,3 +497,55 @@ class EgressIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     namespace: Annotated[str, msgspec.Meta(examples=["tenant-a"])]
     labels: Annotated[dict[str, str], msgspec.Meta(examples=[{"app": "billing"}])]
     ipv4: bool = False
+
+
+class TokenIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A token to create: its name (the actor in the history), scope, pools and lifetime."""
+
+    name: Annotated[str, msgspec.Meta(examples=["eu1-prod-controller"], max_length=128)]
+    scope: Literal["read", "allocate", "admin"]
+    pools: Annotated[list[str], msgspec.Meta(examples=[["eu1-prod/*"]], max_length=16)] = (
+        msgspec.field(default_factory=list)
+    )
+    expires: Annotated[str, msgspec.Meta(examples=["90d"], max_length=32)] | None = None
+
+
+class TokenOut(msgspec.Struct, kw_only=True):
+    """A token as listed (its secret is shown once, when it is created)."""
+
+    name: str
+    scope: str
+    pools: list[str]
+    state: Literal["active", "expired", "revoked"]
+    created_by: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+    @classmethod
+    def from_model(cls, token: Token) -> TokenOut:
+        """From the service's token."""
+        return cls(
+            name=token.name,
+            scope=token.scope.value,
+            pools=list(token.pools),
+            state=token.state,  # type: ignore[arg-type]
+            created_by=token.created_by,
+            created_at=token.created_at,
+            expires_at=token.expires_at,
+            revoked_at=token.revoked_at,
+            last_used_at=token.last_used_at,
+        )
+
+
+class TokenCreatedOut(TokenOut, kw_only=True):
+    """A new token with its secret: shown this once, never stored."""
+
+    token: str
+
+
+class TokenList(msgspec.Struct, kw_only=True):
+    """Tokens by name."""
+
+    items: list[TokenOut]

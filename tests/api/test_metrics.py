@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.errors import Kind, kind_of
 from service.models import PoolPolicy
-from service.rest.app import build_http_app
 from tests.api.conftest import until
 
 if TYPE_CHECKING:
+    import httpx
+
     from service.client import KipamClient
     from service.config import Settings
-    from service.grpc.server import GrpcServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.api]
 
@@ -208,14 +206,3 @@ async def test_metrics_is_prometheus_text_outside_the_api_document(
     schema = (await http.get("/schema/openapi.json")).json()
     assert "/metrics" not in schema["paths"]
     assert "/healthz" not in schema["paths"]
-
-
-async def test_metrics_answer_without_an_observer(server: GrpcServer) -> None:
-    """Resources built without metrics still answer /metrics, with nothing in it."""
-    app = build_http_app(dataclasses.replace(server.res, metrics=None))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://kipam"
-    ) as http:
-        response = await http.get("/metrics")
-    assert response.status_code == 200
-    assert list(text_string_to_metric_families(response.text)) == []

@@ -130,6 +130,9 @@ async def test_openapi_and_proto_describe_the_same_operations(http: httpx.AsyncC
     }
     rest_only = {
         "ListPoolAllocations": "ListAllocations with pool= (REST nests it under the pool too)",
+        "CreateToken": "tokens are managed by admins over REST and by `kipam token` on the DB",
+        "ListTokens": "(as CreateToken)",
+        "RevokeToken": "(as CreateToken)",
     }
     grpc_only = {
         "AllocatePrefixes": "REST posts a batch to the same URL as one prefix (`requests`)",
