@@ -9,8 +9,9 @@ same objects. It implements a small, strict subset of Go templates and Sprig:
   maps (also ``range $k, $v := ...``), ``define`` and the ``include`` function, ``$`` and
   ``$var`` variables;
 * operands: ``.Field.Chains``, ``.``, ``$``, string, number and boolean literals, ``( pipeline )``;
-* functions: include, toYaml, nindent, indent, quote, default, required, printf, b64enc, add,
-  trunc, trimSuffix, contains, not, and, or, eq, ne.
+* functions: include, toYaml, nindent, indent, quote, default, required, fail, printf, b64enc,
+  add, trunc, trimSuffix, contains, dict, not, and, or, eq, ne;
+* ``.Release.IsInstall`` and ``.Release.IsUpgrade`` (an install unless ``upgrade=True``).
 
 Anything else raises :class:`RenderError`, and so does printing a missing value or a map, or
 reading a field of nothing: a template typo fails the tests instead of rendering quietly.
@@ -220,6 +221,16 @@ def _required(message: str, value: Any) -> Any:
     return value
 
 
+def _fail(message: str) -> Any:
+    raise RenderError(message)
+
+
+def _dict(*pairs: Any) -> dict[str, Any]:
+    if len(pairs) % 2:
+        raise RenderError(f"dict needs key-value pairs, got {pairs!r}")
+    return {_go_str(key): value for key, value in zip(pairs[::2], pairs[1::2], strict=True)}
+
+
 def _and(*args: Any) -> Any:
     for arg in args:
         if not _truthy(arg):
@@ -241,12 +252,14 @@ _FUNCS: dict[str, Any] = {
     "quote": lambda *a: " ".join(json.dumps(_go_str(v), ensure_ascii=False) for v in a),
     "default": lambda d, v=None: v if _truthy(v) else d,
     "required": _required,
+    "fail": _fail,
     "printf": _printf,
     "b64enc": lambda s: base64.b64encode(_go_str(s).encode()).decode(),
     "add": lambda *a: sum(int(x) for x in a),
     "trunc": lambda n, s: s[: int(n)],
     "trimSuffix": lambda suffix, s: s.removesuffix(suffix),
     "contains": lambda part, s: part in s,
+    "dict": _dict,
     "not": lambda v: not _truthy(v),
     "and": _and,
     "or": _or,
@@ -408,6 +421,7 @@ def render_chart(
     *,
     release: str = "kipam",
     namespace: str = "ipam",
+    upgrade: bool = False,
 ) -> dict[str, str]:
     """Render every template of ``chart`` like ``helm template``.
 
@@ -416,18 +430,26 @@ def render_chart(
         values: Values merged over the chart's values.yaml, as with ``helm -f``.
         release: The release name.
         namespace: The release namespace.
+        upgrade: Render an upgrade (``.Release.IsUpgrade``, as ``helm template --is-upgrade``)
+            instead of an install.
 
     Returns:
         Rendered text per template file name (``deployment.yaml``, ``NOTES.txt``, ...);
         templates starting with ``_`` only define helpers and are not listed.
 
     Raises:
-        RenderError: an unsupported construct, or a failing ``required``.
+        RenderError: an unsupported construct, or a failing ``required`` or ``fail``.
     """
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
     root = {
         "Values": merge_values(load_values(chart / "values.yaml"), values or {}),
-        "Release": {"Name": release, "Namespace": namespace, "Service": "Helm"},
+        "Release": {
+            "Name": release,
+            "Namespace": namespace,
+            "Service": "Helm",
+            "IsInstall": not upgrade,
+            "IsUpgrade": upgrade,
+        },
         "Chart": {
             "Name": meta["name"],
             "Version": meta["version"],

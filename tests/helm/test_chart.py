@@ -36,8 +36,13 @@ CHART = Path(__file__).resolve().parents[2] / "helm" / "kipam"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 K8S_VERSION = "1.34.0"
 DSN = "postgresql://kipam:secret@db.example:5432/kipam"
-# A chart-made Secret needs a DSN; everything else renders from values.yaml alone.
-WITH_DSN: dict[str, Any] = {"secret": {"databaseUrl": DSN}}
+# The shape of `kipam token generate`'s output (a test value, never a real token).
+TOKEN = "kipam_0123456789abcdef_" + "A" * 43
+# A chart-made Secret needs a DSN and, with authentication required (the default), a first
+# token; everything else renders from values.yaml alone.
+WITH_DSN: dict[str, Any] = {"secret": {"databaseUrl": DSN, "bootstrapToken": TOKEN}}
+# The example's kubernetes.io/tls Secret (a name, not a secret).
+TLS_SECRET = "kipam-tls"  # noqa: S105
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
@@ -54,8 +59,13 @@ def schema() -> dict[str, Any]:
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every object the chart renders with ``values`` over values.yaml."""
+    return render_docs(render_chart(CHART, values))
+
+
+def render_docs(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """The objects in rendered templates (NOTES.txt left out)."""
     docs: list[dict[str, Any]] = []
-    for name, text in render_chart(CHART, values).items():
+    for name, text in rendered.items():
         if name.endswith(".yaml"):
             docs.extend(doc for doc in yaml.safe_load_all(text) if doc is not None)
     return docs
@@ -130,6 +140,12 @@ def test_schema_rejects_unknown_and_wrong_values() -> None:
         {"config": {"shutdownGraceSeconds": "20"}},
         {"listenHost": "::"},
         {"otel": {"endpointt": "http://x:4317"}},
+        {"config": {"auth": "optional"}},
+        {"config": {"rateBurst": 0}},
+        {"secret": {"bootstrapToken": "hunter2"}},
+        {"secret": {"bootstrapToken": TOKEN + "x"}},
+        {"tls": {"enabled": True, "secretName": "Kipam_TLS"}},
+        {"tls": {"clientCA": "x"}},
     ):
         assert not validator.is_valid(merge_values(defaults, bad)), bad
 
@@ -240,15 +256,55 @@ def test_security_context() -> None:
 
 
 def test_probes() -> None:
-    """Startup on gRPC health, liveness on /healthz, readiness on /readyz."""
+    """Startup on gRPC health, liveness on /healthz, readiness on /readyz; timings from values."""
     server = container(render(WITH_DSN))
-    assert server["startupProbe"]["grpc"] == {"port": 50051}
+    assert server["startupProbe"] == {
+        "grpc": {"port": 50051},
+        "periodSeconds": 2,
+        "failureThreshold": 30,
+        "timeoutSeconds": 2,
+    }
     assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
         "http": 8080,
         "grpc": 50051,
     }
+
+
+def test_probes_over_tls() -> None:
+    """With TLS every probe is an HTTPS GET: the kubelet's gRPC probes cannot speak TLS."""
+    server = container(render(SCENARIOS["tls-mtls"]))
+    assert server["startupProbe"]["httpGet"] == {
+        "path": "/readyz",
+        "port": "http",
+        "scheme": "HTTPS",
+    }
+    assert server["livenessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "http",
+        "scheme": "HTTPS",
+    }
+    assert server["readinessProbe"]["httpGet"] == {
+        "path": "/readyz",
+        "port": "http",
+        "scheme": "HTTPS",
+    }
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "grpc" not in server[probe]
+
+
+def test_probe_with_its_own_check() -> None:
+    """A check given in the values replaces the chart's; the other probes keep theirs."""
+    own = {"tcpSocket": {"port": "grpc"}, "periodSeconds": 7}
+    server = container(render(WITH_DSN | {"startupProbe": own}))
+    assert server["startupProbe"] == {
+        "tcpSocket": {"port": "grpc"},
+        "periodSeconds": 7,
+        "failureThreshold": 30,
+        "timeoutSeconds": 2,
+    }
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @pytest.mark.parametrize("grace", [0, 20, 45])
@@ -286,10 +342,12 @@ def test_ipv6_only_example() -> None:
 
 def test_chart_made_secret() -> None:
     """Without existingSecret the chart makes a hook Secret, created before the Job."""
-    docs = render(WITH_DSN | {"secret": {"databaseUrl": DSN, "redisUrl": "redis://r:6379/0"}})
+    redis = {"redisUrl": "redis://r:6379/0"}
+    docs = render(WITH_DSN | {"secret": WITH_DSN["secret"] | redis})
     secret = one(docs, "Secret")
     assert base64.b64decode(secret["data"]["database-url"]).decode() == DSN
     assert base64.b64decode(secret["data"]["redis-url"]).decode() == "redis://r:6379/0"
+    assert base64.b64decode(secret["data"]["bootstrap-token"]).decode() == TOKEN
     job = one(docs, "Job")
     for doc in (secret, job):
         assert doc["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -303,6 +361,11 @@ def test_chart_made_secret() -> None:
             "key": "database-url",
         }
         assert env["KIPAM_REDIS_URL"]["secretKeyRef"]["optional"] is True
+        assert env["KIPAM_BOOTSTRAP_TOKEN"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"],
+            "key": "bootstrap-token",
+            "optional": True,
+        }
 
 
 def test_database_url_is_required() -> None:
@@ -319,6 +382,131 @@ def test_existing_secret() -> None:
         env = env_of(docs, kind)
         assert env["KIPAM_DATABASE_URL"]["secretKeyRef"]["name"] == "kipam-db"
         assert env["KIPAM_REDIS_URL"]["secretKeyRef"]["name"] == "kipam-db"
+        assert env["KIPAM_BOOTSTRAP_TOKEN"]["secretKeyRef"] == {
+            "name": "kipam-db",
+            "key": "bootstrap-token",
+            "optional": True,
+        }
+
+
+# ---------------------------------------------------------------- authentication
+
+
+def test_auth_defaults() -> None:
+    """Authentication is required by default, with kipam's cache and rate limits."""
+    for kind in ("Deployment", "Job"):
+        env = env_of(render(WITH_DSN), kind)
+        assert env["KIPAM_AUTH"] == "required"
+        assert env["KIPAM_AUTH_CACHE_S"] == "5"
+        assert (env["KIPAM_RATE_LIMIT"], env["KIPAM_RATE_BURST"]) == ("100", "200")
+    env = env_of(render(SCENARIOS["production-ha"]))
+    assert (env["KIPAM_RATE_LIMIT"], env["KIPAM_RATE_BURST"]) == ("200", "400")
+
+
+def test_first_token_is_required_on_install() -> None:
+    """Auth required, a chart-made Secret and no bootstrap token: the install fails, clearly.
+
+    A new database holds no token, so kipam would refuse to start, and a crash-looping pod
+    cannot be exec'ed into to make one. An upgrade has running pods (and stored tokens).
+    """
+    without = {"secret": {"databaseUrl": DSN}}
+    with pytest.raises(RenderError, match=r"secret\.bootstrapToken.*kipam token generate"):
+        render(without)
+    upgraded = render_chart(CHART, without, upgrade=True)
+    assert "bootstrap-token" not in one(render_docs(upgraded), "Secret")["data"]
+    assert "(not in this upgrade's values" in upgraded["NOTES.txt"]
+    opted_out = render(without | {"config": {"auth": "off"}})
+    assert env_of(opted_out)["KIPAM_AUTH"] == "off"
+    assert "bootstrap-token" not in one(opted_out, "Secret")["data"]
+    # With existingSecret the key is the user's to fill (documented); nothing to check here.
+    render({"existingSecret": "kipam-db"})
+
+
+def test_auth_off_is_loud() -> None:
+    """NOTES.txt warns when authentication is off, and explains tokens when it is on."""
+    off = render_chart(CHART, WITH_DSN | {"config": {"auth": "off"}})["NOTES.txt"]
+    assert "authentication is OFF" in off
+    assert "Bearer" not in off
+    on = render_chart(CHART, WITH_DSN)["NOTES.txt"]
+    assert "Authorization: Bearer" in on
+    assert "jsonpath='{.data.bootstrap-token}'" in on
+    assert "kubectl -n ipam exec deploy/kipam -- kipam token create" in on
+    assert "kipam token revoke bootstrap" in on
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_tls_off_by_default() -> None:
+    """Without tls.enabled nothing about TLS is rendered."""
+    docs = render(WITH_DSN)
+    assert not [name for name in env_of(docs) if name.startswith("KIPAM_TLS_")]
+    assert [v["name"] for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]] == [
+        "tmp"
+    ]
+
+
+def test_tls_mounts_the_secret() -> None:
+    """The TLS Secret is mounted read-only (group-readable, fsGroup) and named by KIPAM_TLS_*."""
+    docs = render(SCENARIOS["tls-mtls"])
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert volume["secret"] == {"secretName": TLS_SECRET, "defaultMode": 0o440}
+    assert pod["securityContext"]["fsGroup"] == 10001
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["name"] == "tls"]
+    assert mount == {"name": "tls", "mountPath": "/etc/kipam/tls", "readOnly": True}
+    assert "subPath" not in mount  # a subPath mount would never see a renewed certificate
+    env = env_of(docs)
+    assert env["KIPAM_TLS_CERT"] == "/etc/kipam/tls/tls.crt"
+    assert env["KIPAM_TLS_KEY"] == "/etc/kipam/tls/tls.key"
+    assert env["KIPAM_TLS_CLIENT_CA"] == "/etc/kipam/tls/ca.crt"
+    assert env["KIPAM_TLS_RELOAD_S"] == "30"
+    # The migration Job serves nothing: no certificate there.
+    assert not [name for name in env_of(docs, "Job") if name.startswith("KIPAM_TLS_")]
+    assert [m["name"] for m in container(docs, "Job")["volumeMounts"]] == ["tmp"]
+
+
+def test_tls_without_client_auth() -> None:
+    """TLS without mTLS sets no client CA."""
+    values = WITH_DSN | {"tls": {"enabled": True, "secretName": TLS_SECRET}}
+    env = env_of(render(values))
+    assert "KIPAM_TLS_CERT" in env
+    assert "KIPAM_TLS_CLIENT_CA" not in env
+
+
+def test_tls_needs_a_secret() -> None:
+    """tls.enabled without tls.secretName fails with a clear message."""
+    with pytest.raises(RenderError, match=r"tls\.secretName"):
+        render(WITH_DSN | {"tls": {"enabled": True}})
+
+
+def test_tls_service_and_monitor() -> None:
+    """With TLS both Service ports say https, and Prometheus scrapes over HTTPS with the CA."""
+    docs = render(SCENARIOS["tls-mtls"])
+    ports = one(docs, "Service")["spec"]["ports"]
+    assert {p["name"]: p["appProtocol"] for p in ports} == {"http": "https", "grpc": "https"}
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": TLS_SECRET, "key": "ca.crt"}},
+        "serverName": "kipam.ipam.svc",
+    }
+    own = {"ca": {"configMap": {"name": "cluster-ca", "key": "ca.crt"}}, "serverName": "kipam"}
+    docs = render(SCENARIOS["tls-mtls"] | {"serviceMonitor": {"enabled": True, "tlsConfig": own}})
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["tlsConfig"] == own
+    (plain,) = one(render(SCENARIOS["production-ha"]), "ServiceMonitor")["spec"]["endpoints"]
+    assert "scheme" not in plain
+    assert "tlsConfig" not in plain
+
+
+def test_tls_notes() -> None:
+    """NOTES.txt gives https URLs, the CA to trust, and the client certificate for mTLS."""
+    notes = render_chart(CHART, SCENARIOS["tls-mtls"])["NOTES.txt"]
+    assert "https://kipam.ipam.svc:8080" in notes
+    assert "client certificate required" in notes
+    assert "--ca-cert kipam-ca.crt --client-cert" in notes
+    assert "--resolve kipam.ipam.svc:8080:127.0.0.1" in notes
 
 
 def test_migration_job() -> None:
@@ -414,7 +602,7 @@ def test_routes() -> None:
 def test_notes() -> None:
     """NOTES.txt names the Service and the Secret."""
     notes = render_chart(CHART, WITH_DSN)["NOTES.txt"]
-    assert "kipam.ipam.svc:8080" in notes
+    assert "http://kipam.ipam.svc:8080" in notes
     assert "Secret kipam" in notes
 
 
@@ -431,6 +619,24 @@ def test_renderer_trims_and_branches(tmp_path: Path) -> None:
         "{{- range $k, $v := .Values.m }}\n{{ $k }}: {{ $v | quote }}\n{{- end }}\n"
     )
     assert render_chart(tmp_path)["t.yaml"] == 'x: two\na: "1"\nb: "2"\n'
+
+
+def test_renderer_dict_fail_and_release(tmp_path: Path) -> None:
+    """Functions dict and fail, and .Release.IsInstall/IsUpgrade, behave as in Helm."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "Chart.yaml").write_text("name: t\nversion: 1.0.0\nappVersion: '2'\n")
+    (tmp_path / "values.yaml").write_text("n: 2\n")
+    (tmp_path / "templates" / "_h.tpl").write_text(
+        '{{- define "h" -}}{{ .a }}-{{ .b.n }}{{- end -}}'
+    )
+    (tmp_path / "templates" / "t.yaml").write_text(
+        'x: {{ include "h" (dict "a" "k" "b" .Values) }}\n'
+        "u: {{ .Release.IsUpgrade }}\n"
+        '{{- if .Release.IsInstall }}{{ fail "no install" }}{{ end }}\n'
+    )
+    with pytest.raises(RenderError, match="no install"):
+        render_chart(tmp_path)
+    assert render_chart(tmp_path, upgrade=True)["t.yaml"] == "x: k-2\nu: true\n"
 
 
 @pytest.mark.parametrize(
@@ -542,3 +748,52 @@ def test_helm_requires_database_url(helm_env: dict[str, str]) -> None:
     result = helm(helm_env, "template", "kipam", str(CHART), "--kube-version", K8S_VERSION)
     assert result.returncode != 0
     assert "existingSecret" in result.stderr
+
+
+@needs_helm
+def test_helm_requires_first_token_on_install(helm_env: dict[str, str], tmp_path: Path) -> None:
+    """Real helm fails an install without a first token, renders an upgrade as render.py."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"secret": {"databaseUrl": DSN}}))
+    args = ("--namespace", "ipam", "--kube-version", K8S_VERSION, "--values", str(values))
+    install = helm(helm_env, "template", "kipam", str(CHART), *args)
+    assert install.returncode != 0
+    assert "secret.bootstrapToken" in install.stderr
+    upgrade = helm(helm_env, "template", "kipam", str(CHART), "--is-upgrade", *args)
+    assert upgrade.returncode == 0, upgrade.stderr
+    real = [doc for doc in yaml.safe_load_all(upgrade.stdout) if doc is not None]
+    mini = render_docs(render_chart(CHART, {"secret": {"databaseUrl": DSN}}, upgrade=True))
+    assert sorted(real, key=kind_and_name) == sorted(mini, key=kind_and_name)
+
+
+@needs_helm
+@pytest.mark.parametrize("scenario", SCENARIOS.keys())
+def test_helm_notes_match_renderer(scenario: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    """NOTES.txt reads the same from Helm as from render.py.
+
+    ``helm template`` leaves NOTES.txt out, so a copy of the chart renders it into a manifest.
+    """
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "notes.yaml").write_text(
+        '{{- define "test.notes" -}}\n' + notes + "{{- end -}}\n"
+        'notes: {{ include "test.notes" . | toJson }}\n'
+    )
+    result = helm(
+        helm_env,
+        "template",
+        "kipam",
+        str(chart),
+        "--namespace",
+        "ipam",
+        "--kube-version",
+        K8S_VERSION,
+        "--values",
+        str(values_file(scenario, tmp_path)),
+        "--show-only",
+        "templates/notes.yaml",
+    )
+    assert result.returncode == 0, result.stderr
+    real = yaml.safe_load(result.stdout)["notes"]
+    assert real.strip() == render_chart(CHART, SCENARIOS[scenario])["NOTES.txt"].strip()

@@ -45,7 +45,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Secret holding the database and Redis URLs: existingSecret, or the one this chart makes. */}}
+{{/*
+Secret holding the database and Redis URLs and the bootstrap token: existingSecret, or the one
+this chart makes.
+*/}}
 {{- define "kipam.secretName" -}}
 {{- default (include "kipam.fullname" .) .Values.existingSecret -}}
 {{- end -}}
@@ -75,6 +78,14 @@ Environment shared by the server and the migration Job, so both see the same dat
       key: {{ .Values.secretKeys.redisUrl }}
       # Without a Redis URL kipam uses PostgreSQL advisory locks.
       optional: true
+- name: KIPAM_BOOTSTRAP_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kipam.secretName" . }}
+      key: {{ .Values.secretKeys.bootstrapToken }}
+      # The first admin token, stored by `kipam serve` unless known; not needed once the
+      # database holds a live token.
+      optional: true
 - name: KIPAM_DATA_DIR
   # Unused with a real database; points at the writable emptyDir all the same.
   value: /tmp/kipam
@@ -94,6 +105,14 @@ Environment shared by the server and the migration Job, so both see the same dat
   value: {{ .Values.config.dbPoolMax | quote }}
 - name: KIPAM_STATEMENT_TIMEOUT_S
   value: {{ .Values.config.statementTimeoutSeconds | quote }}
+- name: KIPAM_AUTH
+  value: {{ .Values.config.auth | quote }}
+- name: KIPAM_AUTH_CACHE_S
+  value: {{ .Values.config.authCacheSeconds | quote }}
+- name: KIPAM_RATE_LIMIT
+  value: {{ .Values.config.rateLimit | quote }}
+- name: KIPAM_RATE_BURST
+  value: {{ .Values.config.rateBurst | quote }}
 {{- if .Values.otel.enabled }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ required "otel.endpoint is required when otel.enabled is true" .Values.otel.endpoint | quote }}
@@ -115,4 +134,29 @@ Environment shared by the server and the migration Job, so both see the same dat
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+A probe of the server container: the values' Probe object with kipam's check added, unless the
+values give a check of their own (grpc, httpGet, tcpSocket or exec). The kubelet's gRPC probes
+cannot speak TLS, so with tls.enabled every check is an HTTPS GET (the kubelet does not verify
+the certificate, and REST never asks for a client certificate).
+Called with (dict "root" $ "probe" <values> "path" <HTTP path> "grpc" <gRPC health without TLS>).
+*/}}
+{{- define "kipam.probe" -}}
+{{- $probe := .probe -}}
+{{- if not (or $probe.grpc $probe.httpGet $probe.tcpSocket $probe.exec) -}}
+{{- if and .grpc (not .root.Values.tls.enabled) -}}
+grpc:
+  port: 50051
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+  {{- if .root.Values.tls.enabled }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
+{{ end -}}
+{{ toYaml $probe }}
 {{- end -}}
