@@ -26,6 +26,7 @@ from service.embedded import (
     DataDirectoryInUseError,
     EmbeddedPostgres,
     EmbeddedPostgresError,
+    running_dsn,
 )
 from service.errors import Kind, UnavailableError, kind_of
 
@@ -509,3 +510,39 @@ def test_runs_as_a_normal_user(base: Path) -> None:
         assert result.stdout.strip() == "served"
     finally:
         kill_leftover(data_dir)
+
+
+def test_commands_attach_to_the_running_server(server: EmbeddedPostgres, data_dir: Path) -> None:
+    """`kipam token` while the embedded server runs: through its socket, not a second server."""
+    assert running_dsn(data_dir) == server.dsn
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIPAM_")}
+    env["KIPAM_DATA_DIR"] = str(data_dir)
+    made = subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "create", "ops", "--scope", "admin"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("kipam_")
+    listed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "list", "--output", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [t["name"] for t in json.loads(listed.stdout)["items"]] == ["ops"]
+    assert server.dsn  # still ours, still running
+
+
+def test_no_running_server_means_no_dsn(data_dir: Path) -> None:
+    """Nothing to attach to: the commands start the embedded server themselves."""
+    assert running_dsn(data_dir) is None
+    with EmbeddedPostgres(data_dir):
+        pass
+    assert running_dsn(data_dir) is None  # stopped again
