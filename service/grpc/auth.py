@@ -63,6 +63,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpci
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        if not self.authenticator.required:
+            return handler  # every caller is ANONYMOUS, PRINCIPAL's default: nothing to add
         if handler is None or not handler_call_details.method.startswith(_KIPAM):
             return handler  # health and reflection are open
         operation = handler_call_details.method.rpartition("/")[2]

@@ -61,8 +61,8 @@ def auth_guard(
     async def guard(
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
-        if not connection.scope["path"].startswith(_API):
-            return
+        if not res.auth.required or not connection.scope["path"].startswith(_API):
+            return  # open: every caller is ANONYMOUS (principal_of's default)
         operation = getattr(handler, "operation_id", None)
         principal = await res.auth.authenticate(connection.headers.get("authorization"))
         await check(
