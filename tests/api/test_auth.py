@@ -444,6 +444,9 @@ async def test_tokens_over_rest(world: World) -> None:
             "/v1/pools/eu1-prod/lab", headers={"authorization": f"Bearer {body['token']}"}
         )
         assert use.status_code == 200
+        listed = await http.get("/v1/tokens", headers=admin)
+        used = {t["name"]: t["last_used_at"] for t in listed.json()["items"]}
+        assert used["eu1-ctl"] is not None  # recorded at its first use
         for bad in (
             {"name": "x", "scope": "admin", "pools": ["a/*"]},
             {"name": "x", "scope": "read", "expires": "forever"},
