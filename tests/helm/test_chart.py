@@ -41,6 +41,8 @@ TOKEN = "kipam_0123456789abcdef_" + "A" * 43
 # A chart-made Secret needs a DSN and, with authentication required (the default), a first
 # token; everything else renders from values.yaml alone.
 WITH_DSN: dict[str, Any] = {"secret": {"databaseUrl": DSN, "bootstrapToken": TOKEN}}
+# An image digest of the right shape (not a real image).
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 # The example's kubernetes.io/tls Secret (a name, not a secret).
 TLS_SECRET = "kipam-tls"  # noqa: S105
 CRDS = {
@@ -146,6 +148,9 @@ def test_schema_rejects_unknown_and_wrong_values() -> None:
         {"secret": {"bootstrapToken": TOKEN + "x"}},
         {"tls": {"enabled": True, "secretName": "Kipam_TLS"}},
         {"tls": {"clientCA": "x"}},
+        {"image": {"digest": "sha256:abc"}},
+        {"image": {"digest": "0123456789abcdef" * 4}},
+        {"image": {"digest": "SHA256:" + "0123456789ABCDEF" * 4}},
     ):
         assert not validator.is_valid(merge_values(defaults, bad)), bad
 
@@ -524,6 +529,67 @@ def test_migration_job() -> None:
     assert not [d for d in render(SCENARIOS["gateway-api"]) if d["kind"] == "Job"]
 
 
+def test_image_by_tag_or_digest() -> None:
+    """By tag (appVersion by default) unless image.digest is set, then repository@digest."""
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    for kind in ("Deployment", "Job"):
+        assert container(render(WITH_DSN), kind)["image"] == f"kipam:{app_version}"
+        tagged = render(WITH_DSN | {"image": {"tag": "0.9.1"}})
+        assert container(tagged, kind)["image"] == "kipam:0.9.1"
+        pinned = render(WITH_DSN | {"image": {"tag": "0.9.1", "digest": DIGEST}})
+        assert container(pinned, kind)["image"] == f"kipam@{DIGEST}"
+    production = container(render(SCENARIOS["production-ha"]))
+    assert re.fullmatch(
+        r"registry\.example\.com/platform/kipam@sha256:[0-9a-f]{64}", production["image"]
+    )
+
+
+def checkov_skips(doc: dict[str, Any]) -> dict[str, str]:
+    """The object's checkov skip annotations: check ID to reason."""
+    skips: dict[str, str] = {}
+    for key, value in (doc["metadata"].get("annotations") or {}).items():
+        if key.startswith("checkov.io/skip"):
+            # checkov splits the value on "=" into exactly two parts: the ID and the reason.
+            check, reason = value.split("=")
+            assert re.fullmatch(r"CKV2?_K8S_\d+", check), value
+            assert len(reason.split()) >= 8, f"{check}: say why, not just that"
+            skips[check] = reason
+    return skips
+
+
+@pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_checkov_skips_carry_reasons(values: dict[str, Any]) -> None:
+    """Only the Deployment and the migration Job skip checks, each with a reason."""
+    docs = render(values)
+    skipping = {doc["kind"] for doc in docs if checkov_skips(doc)}
+    assert skipping <= {"Deployment", "Job"}
+    assert "Deployment" in skipping
+
+
+def test_checkov_skips_follow_the_values() -> None:
+    """A skip appears only while the values fail its check; secrets in env vars always do."""
+    every = {"CKV_K8S_35", "CKV_K8S_11", "CKV_K8S_15", "CKV_K8S_43"}
+    docs = render(WITH_DSN)
+    for kind in ("Deployment", "Job"):
+        assert set(checkov_skips(one(docs, kind))) == every
+    cpu = {"limits": {"cpu": "2", "memory": "512Mi"}}
+    strict = render(
+        WITH_DSN
+        | {
+            "image": {"digest": DIGEST, "pullPolicy": "Always"},
+            "resources": cpu,
+            "migration": {"resources": cpu},
+        }
+    )
+    for kind in ("Deployment", "Job"):
+        assert set(checkov_skips(one(strict, kind))) == {"CKV_K8S_35"}
+    # The server's limits do not excuse the Job's, nor the other way round.
+    server_only = render(WITH_DSN | {"resources": cpu})
+    assert "CKV_K8S_11" not in checkov_skips(one(server_only, "Deployment"))
+    assert "CKV_K8S_11" in checkov_skips(one(server_only, "Job"))
+    assert "CKV_K8S_43" not in checkov_skips(one(render(SCENARIOS["production-ha"]), "Deployment"))
+
+
 def test_pod_disruption_budget() -> None:
     """One pod must stay up by default, and the PDB selects exactly the server pods."""
     docs = render(WITH_DSN)
@@ -549,6 +615,13 @@ def test_network_policy_defaults() -> None:
     assert {p["port"] for p in ingress["ports"]} == {8080, 50051}
     out = [sorted((p["protocol"], p["port"]) for p in rule["ports"]) for rule in policy["egress"]]
     assert out == [[("TCP", 53), ("UDP", 53)], [("TCP", 5432)], [("TCP", 6379)]]
+
+
+def test_network_policy_can_be_turned_off() -> None:
+    """networkPolicy.enabled=false renders no NetworkPolicy (for CNIs that ignore them)."""
+    docs = render(WITH_DSN | {"networkPolicy": {"enabled": False}})
+    assert not [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
+    assert_valid(docs)
 
 
 def test_network_policy_peers_and_otlp() -> None:

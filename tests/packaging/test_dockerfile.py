@@ -7,7 +7,9 @@ No container engine runs here, so nothing is built as an image. What can be chec
 * checkov finds nothing, except ``# checkov:skip=CKV_...: reason`` skips. checkov cannot share
   the dev virtualenv (it pins ``packaging<24``, pytest 9 needs ``>=24``), so ``make scan``
   installs it in ``.venv/checkov``; this test uses that or one on ``PATH``, and is skipped
-  without either;
+  without either. CI runs ``make scan`` after the tests, so the Dockerfile is scanned there
+  either way; this test adds what the scan's exit status does not show (no parsing errors,
+  checks actually ran, every skip has a reason);
 * our own structural rules, which neither scanner knows: two stages, no compiler in the final
   one, no ``[embedded]``, a numeric non-root user, the container's listen addresses, the
   read-only root filesystem settings, and a build context that holds just what the build needs;
