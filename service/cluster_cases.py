@@ -166,9 +166,10 @@ class Clusters:
             raise InvalidRequestError(
                 f"{name!r} is a built-in template; choose another name.", field="name"
             )
-        if len(description) > 1024:
+        if len(description) > 1024 or "\x00" in description:
             raise InvalidRequestError(
-                "description must be text of at most 1024 characters.", field="description"
+                "description must be text of at most 1024 characters, without NUL.",
+                field="description",
             )
         settings = resolve((await self.template(base)).settings, overrides or {})
         check_settings(settings)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
 __all__ = [
+    "CONTROL",
     "ROLES",
     "STATES",
     "SUBRESOURCES",
@@ -50,7 +51,9 @@ STATES: Final[tuple[State, ...]] = ("active", "quarantined", "released")
 _SEGMENT: Final = r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?"
 _POOL_NAME: Final = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 # kind/name, e.g. node/worker-7, cluster/eu1-prod, app/payments/checkout.
-_OWNER: Final = re.compile(r"[a-z][a-z0-9-]{0,62}/[^\s/][^\s]*")
+_OWNER: Final = re.compile(r"[a-z][a-z0-9-]{0,62}/[^\s/\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*")
+# Control characters (C0 and DEL): PostgreSQL text cannot hold NUL, and none belongs in a key.
+CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 # Kubernetes label keys and values (an optional DNS-subdomain prefix and a name of at most 63).
 _LABEL_KEY: Final = re.compile(
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"

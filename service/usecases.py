@@ -71,6 +71,7 @@ from service.errors import (
 from service.feed import ChangeFeed
 from service.locks import begin_with_locks
 from service.models import (
+    CONTROL,
     ROLES,
     STATES,
     Allocation,
@@ -1816,8 +1817,7 @@ class Kipam:
                 ip,
             )
         else:
-            if at.tzinfo is None:
-                raise InvalidRequestError("at needs a time zone (e.g. ...Z).", field="at")
+            at = _check_time(at, "at")
             rows = await self.db.fetch(
                 f"SELECT {ALLOCATION_COLUMNS} {_HELD_FROM}"
                 f" WHERE {_HELD_WHERE} AND c.prefix >>= $1::cidr AND a.created_at <= $2"
@@ -1888,9 +1888,7 @@ class Kipam:
             args.append(check_pool_name(pool, "pool"))
             where.append(f"c.pool_name = ${len(args)}")
         if since is not None:
-            if since.tzinfo is None:
-                raise InvalidRequestError("since needs a time zone (e.g. ...Z).", field="since")
-            args.append(since)
+            args.append(_check_time(since, "since"))
             where.append(f"c.at >= ${len(args)}")
         return await self._page(
             f"SELECT {CHANGE_COLUMNS} {_CHANGE_FROM}",
@@ -1957,10 +1955,24 @@ def _field_of(error: EngineError, requests: Sequence[AllocationRequest]) -> str:
 
 
 def _check_key(idempotency_key: str) -> None:
-    if not 1 <= len(idempotency_key) <= 256:
+    if not 1 <= len(idempotency_key) <= 256 or CONTROL.search(idempotency_key):
         raise InvalidRequestError(
-            "An idempotency key has 1 to 256 characters.", field="idempotency_key"
+            "An idempotency key has 1 to 256 characters, none of them control characters.",
+            field="idempotency_key",
         )
+
+
+def _check_time(value: dt.datetime, field_name: str) -> dt.datetime:
+    """A time with a zone, in UTC (one that has no UTC equivalent is refused)."""
+    if value.tzinfo is None:
+        raise InvalidRequestError(f"{field_name} needs a time zone (e.g. ...Z).", field=field_name)
+    try:
+        return value.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise InvalidRequestError(
+            f"{field_name} {value.isoformat()} is outside the times kipam can compare.",
+            field=field_name,
+        ) from None
 
 
 def _check_id(allocation_id: int) -> int:
