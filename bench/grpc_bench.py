@@ -128,7 +128,7 @@ class Load:
     """What one client process runs: `callers` concurrent calls of `kind` on `target`."""
 
     target: str
-    kind: str  # "noop" (Health/Check) or "allocate" (AllocatePrefix)
+    kind: str  # "noop" (Health/Check), "allocate" (AllocatePrefix) or "get" (GetPool)
     pools: tuple[str, ...]
     callers: int
     warmup: float
@@ -136,6 +136,12 @@ class Load:
     server_pid: int
     index: int = 0  # this process's number, of `procs`
     procs: int = 1
+    token: str | None = None  # sent as `authorization: Bearer <token>` on every call
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The gRPC metadata carrying an API token (None: no token, no metadata)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 async def _load(load: Load, barrier: Any) -> dict[str, Any]:
@@ -145,7 +151,9 @@ async def _load(load: Load, barrier: Any) -> dict[str, Any]:
         await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_S)
         health = health_pb2_grpc.HealthStub(channel)
         allocations = apb_grpc.AllocationServiceStub(channel)
+        pool_service = ppb_grpc.PoolServiceStub(channel)
         check = health_pb2.HealthCheckRequest()
+        metadata = bearer(load.token)
         latencies: list[float] = []
         errors: Counter[str] = Counter()
         done = 0
@@ -161,13 +169,20 @@ async def _load(load: Load, barrier: Any) -> dict[str, Any]:
                 seq += 1
                 try:
                     if load.kind == "noop":
-                        await health.Check(check, timeout=CALL_TIMEOUT_S)
+                        await health.Check(check, timeout=CALL_TIMEOUT_S, metadata=metadata)
+                    elif load.kind == "get":
+                        await pool_service.GetPool(
+                            ppb.GetPoolRequest(name=pools[n % len(pools)]),
+                            timeout=CALL_TIMEOUT_S,
+                            metadata=metadata,
+                        )
                     else:
                         await allocations.AllocatePrefix(
                             apb.AllocatePrefixRequest(
                                 pool=pools[n % len(pools)], prefix_length=64, owner=f"bench/{n}"
                             ),
                             timeout=CALL_TIMEOUT_S,
+                            metadata=metadata,
                         )
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] += 1
@@ -184,9 +199,9 @@ async def _load(load: Load, barrier: Any) -> dict[str, Any]:
             await asyncio.sleep(until - time.perf_counter())
             return cpu_seconds(load.server_pid) - server, time.process_time() - client
 
-        *_, (server_cpu, client_cpu) = await asyncio.gather(
-            *(caller() for _ in range(load.callers)), cpu()
-        )
+        watch = asyncio.ensure_future(cpu())
+        await asyncio.gather(*(caller() for _ in range(load.callers)))
+        server_cpu, client_cpu = await watch
     return {
         "latencies": latencies,
         "ok": done,
@@ -334,7 +349,7 @@ def wait_serving(proc: subprocess.Popen[bytes], target: str, log_path: Path) -> 
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return time.monotonic() - started
             except grpc.RpcError as exc:
-                if exc.code() not in {  # type: ignore[attr-defined]
+                if exc.code() not in {
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 }:
@@ -356,9 +371,15 @@ def stop_server(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return {"exit": proc.returncode, "stop_s": time.monotonic() - started, "killed": False}
 
 
-def create_pools(target: str) -> None:
-    """Every case's pools, root pools fd10:<i>::/32 (ULA), default length 64."""
-    names = [name for _, _, _, pools in CASES for name in pools]
+def create_pools(
+    target: str, token: str | None = None, names: tuple[str, ...] | None = None
+) -> None:
+    """These pools (default: every case's), root pools fd10:<i>::/32 (ULA), default length 64.
+
+    With `token`, the calls carry it (a server that requires tokens).
+    """
+    if names is None:
+        names = tuple(name for _, _, _, pools in CASES for name in pools)
     with grpc.insecure_channel(target) as channel:
         stub = ppb_grpc.PoolServiceStub(channel)
         for i, name in enumerate(names, start=1):
@@ -367,6 +388,7 @@ def create_pools(target: str) -> None:
                     name=name, cidr=f"fd10:{i:x}::/32", policy=ppb.PoolPolicy(default_length=64)
                 ),
                 timeout=CALL_TIMEOUT_S,
+                metadata=bearer(token),
             )
 
 

@@ -100,10 +100,10 @@ class Scope(enum.Enum):
     ALLOCATE = "allocate"
     ADMIN = "admin"
 
-    @property
-    def rank(self) -> int:
-        """0 for read, 1 for allocate, 2 for admin."""
-        return _RANK[self]
+    def __init__(self, _value: str) -> None:
+        # 0 for read, 1 for allocate, 2 for admin: the order of definition (a plain int,
+        # compared on every call).
+        self.rank = len(type(self).__members__)
 
     @classmethod
     def parse(cls, text: str) -> Scope:
@@ -118,9 +118,6 @@ class Scope(enum.Enum):
             raise InvalidRequestError(
                 f"scope {text!r} is not one of read, allocate, admin.", field="scope"
             ) from None
-
-
-_RANK: Final = {Scope.READ: 0, Scope.ALLOCATE: 1, Scope.ADMIN: 2}
 
 
 @dataclass(frozen=True, slots=True)

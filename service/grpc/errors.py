@@ -227,30 +227,43 @@ class _Status(NamedTuple):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] # grpcio is untyped
-    """Turns what a handler raises into the status of its kind (see the module docstring)."""
+    """Turns what a handler raises into the status of its kind (see the module docstring).
+
+    The guarded handler of each method is made once, with everything the interceptors inside
+    this one (authentication) added, and reused for every later call of that method.
+    """
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(  # noqa: D102 - the class says it
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_KIPAM):
-            return handler  # health and reflection: nothing of ours to map, no request id
         method = handler_call_details.method
+        guarded = self._guarded.get(method)
+        if guarded is not None:
+            return guarded
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(_KIPAM):
+            return handler  # health and reflection: nothing of ours to map, no request id
         parse = handler.request_deserializer
         # grpcio hands the guard the request's bytes (no deserializer); the guard parses them.
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
+            guarded = grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method, parse),
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
+        elif handler.unary_stream is not None:
+            guarded = grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method, parse),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # kipam has no client-streaming calls
+        else:
+            return handler  # kipam has no client-streaming calls
+        self._guarded[method] = guarded
+        return guarded
 
 
 def _parse(parse: Callable[[bytes], object] | None, request: object) -> object:
