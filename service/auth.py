@@ -31,6 +31,7 @@ operation needs (:class:`Needs`). :class:`Authenticator` turns a bearer token in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -599,6 +600,7 @@ class Authenticator:
         self._burst = float(max(1, burst))
         self._clock = clock
         self._known: dict[str, _Known] = {}
+        self._reading: dict[str, asyncio.Future[_Known | None]] = {}
         self._buckets: dict[str, _Bucket] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -640,10 +642,26 @@ class Authenticator:
         self._buckets.pop(key_id, None)
 
     async def _lookup(self, key_id: str) -> _Known | None:
-        now = self._clock()
+        """The token's row, from the cache or read once for every call waiting on it."""
         known = self._known.get(key_id)
-        if known is not None and known.until > now:
+        if known is not None and known.until > self._clock():
             return known
+        # When the cached row runs out under load, every call in flight would read it again;
+        # one reads, the others wait for its answer (shielded: a caller that goes away does
+        # not cancel the read the others wait on).
+        reading = self._reading.get(key_id)
+        if reading is None:
+            reading = self._reading[key_id] = asyncio.ensure_future(self._read(key_id))
+            reading.add_done_callback(lambda done: self._read_done(key_id, done))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, key_id: str, done: asyncio.Future[_Known | None]) -> None:
+        self._reading.pop(key_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: its waiters, if any are left, raise it themselves
+
+    async def _read(self, key_id: str) -> _Known | None:
+        now = self._clock()
         row = await self.tokens.find(key_id)
         if row is None:
             self._known.pop(key_id, None)

@@ -6,6 +6,7 @@ against PostgreSQL in tests/api/test_auth.py and tests/integration/test_tokens.p
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 from typing import Any
@@ -150,6 +151,7 @@ class _FakeTokens:
 
     async def find(self, key_id: str) -> dict[str, Any] | None:
         self.reads += 1
+        await asyncio.sleep(0)  # a round trip: other calls run meanwhile
         row = self.rows.get(key_id)
         return None if row is None else {**row, "now": self.now}
 
@@ -229,3 +231,16 @@ async def test_the_rate_limit_is_a_token_bucket_per_token() -> None:
     await auth.authenticate(f"Bearer {busy}")
     with pytest.raises(RateLimitedError):
         await auth.authenticate(f"Bearer {busy}")
+
+
+async def test_calls_waiting_on_an_expired_cache_entry_read_the_token_once() -> None:
+    """32 calls at once with an uncached token: one read of the table, every call admitted."""
+    fake, clock = _FakeTokens(), _Clock()
+    auth = _auth(fake, clock, cache_s=5.0)
+    text = fake.add("busy", Scope.READ)
+    principals = await asyncio.gather(*(auth.authenticate(f"Bearer {text}") for _ in range(32)))
+    assert {p.name for p in principals} == {"busy"}
+    assert fake.reads == 1
+    clock.t += 5.1
+    await asyncio.gather(*(auth.authenticate(f"Bearer {text}") for _ in range(32)))
+    assert fake.reads == 2
