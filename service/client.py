@@ -36,9 +36,11 @@ from service.errors import (
     AlreadyExistsError,
     InternalError,
     InvalidRequestError,
+    Kind,
     PermissionDeniedError,
     PoolNotFoundError,
     PreconditionFailedError,
+    RateLimitedError,
     ResourceNotFoundError,
     ServerUnavailableError,
     UnauthenticatedError,
@@ -82,6 +84,7 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> Exception:
     message = error.details() or code.name
     info = error_details_pb2.ErrorInfo()
     resource: error_details_pb2.ResourceInfo | None = None
+    retry = error_details_pb2.RetryInfo()
     status = rpc_status.from_call(error)
     for detail in status.details if status else ():
         if detail.Is(info.DESCRIPTOR):
@@ -89,6 +92,11 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> Exception:
         elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
             resource = error_details_pb2.ResourceInfo()
             detail.Unpack(resource)
+        elif detail.Is(retry.DESCRIPTOR):
+            detail.Unpack(retry)
+    if info.domain == DOMAIN and info.reason == Kind.RATE_LIMITED.name:
+        wait = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        return RateLimitedError(message, retry_after_s=wait or 1.0)
     found = _with_details(code, message, info, resource)
     if found is not None:
         return found

@@ -24,7 +24,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service.auth import Scope, Tokens, rule_of
+from service.client import KipamClient
 from service.clusters import EgressIdentity
+from service.errors import RateLimitedError
 from service.grpc.gen import allocation_pb2 as apb
 from service.grpc.gen import cluster_pb2 as cpb
 from service.grpc.gen import pool_pb2 as ppb
@@ -515,3 +517,7 @@ async def test_a_token_over_its_rate_is_told_when_to_retry(
         retry = error_details_pb2.RetryInfo()
         assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
         assert retry.retry_delay.seconds + retry.retry_delay.nanos > 0
+        async with KipamClient(f"127.0.0.1:{server.port}", token=text) as client:
+            with pytest.raises(RateLimitedError) as typed:
+                await client.list_pools()
+        assert typed.value.retry_after_s > 0
