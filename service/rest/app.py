@@ -17,7 +17,15 @@ from litestar import Litestar, MediaType, get
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema, Tag
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Schema,
+    SecurityScheme,
+    Tag,
+)
 from litestar.response import Response
 from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -105,6 +113,19 @@ def build_http_app(res: Resources) -> ASGIApp:
         version="1",
         description=_DESCRIPTION,
         path="/schema",
+        # Every /v1 operation takes the token (when the server requires one; see README,
+        # "Security"); the Swagger UI's Authorize button sends it.
+        components=Components(
+            security_schemes={
+                "token": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    bearer_format="kipam_<key id>_<secret>",
+                    description="An API token (`kipam token create`).",
+                )
+            }
+        ),
+        security=[{"token": []}],
         tags=[
             Tag(name="pools", description="Named CIDRs and what hangs off one."),
             Tag(name="allocations", description="Prefixes held by owners."),

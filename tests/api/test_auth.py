@@ -355,6 +355,9 @@ async def test_the_tables_name_every_operation(world: World) -> None:
         schema = (await http.get("/schema/openapi.json")).json()
     rest = {op["operationId"] for path in schema["paths"].values() for op in path.values()}
     assert {op for op, *_ in _rest_calls(1, 2)} == rest
+    # The document says how: a bearer token, on every operation.
+    assert schema["components"]["securitySchemes"]["token"]["scheme"] == "bearer"
+    assert schema["security"] == [{"token": []}]
     assert rpcs | rest == set(RULES)
 
 
