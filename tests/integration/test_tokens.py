@@ -92,6 +92,11 @@ async def test_serve_refuses_when_nobody_could_call(
         assert expired.name == "old"
         await res.auth.tokens.create("ops", Scope.ADMIN, created_by="t")
         await check_auth(res)
+    assert not settings.auth_required  # the test settings listen on loopback
+    async with use_cases(settings, db) as res:
+        with caplog.at_level(logging.WARNING, logger="kipam"):
+            await check_auth(res)  # open on loopback, and says so
+    assert "authentication is off: kipam listens on loopback only" in caplog.text
     opted_out = dataclasses.replace(wide, auth="off")
     async with use_cases(opted_out, db) as res:
         with caplog.at_level(logging.WARNING, logger="kipam"):
