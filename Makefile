@@ -54,12 +54,15 @@ test: lint $(STAMP) ## lint, type checks and every test
 bench: $(STAMP) ## engine benchmarks; results go to bench/RESULTS.md by hand
 	$(BIN)/python bench/engine_bench.py
 
-.PHONY: image scan
+.PHONY: image scan smoke-image
 image scan: VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 image: ## build the container image kipam:<version> (needs a Docker engine)
 	docker build --build-arg VERSION=$(VERSION) \
 		--build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null)" -t kipam:$(VERSION) .
+
+smoke-image: $(STAMP) ## build the image with buildah and run it with podman (or chrooted); root
+	bash tests/packaging/smoke_image.sh
 
 # checkov gets its own virtualenv: it pins packaging<24, which pytest 9 cannot use. The chart is
 # scanned as Helm renders it, with the defaults (plus the database URL and first token an install
