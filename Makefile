@@ -54,7 +54,7 @@ test: lint $(STAMP) ## lint, type checks and every test
 bench: $(STAMP) ## engine benchmarks; results go to bench/RESULTS.md by hand
 	$(BIN)/python bench/engine_bench.py
 
-.PHONY: image scan smoke-image
+.PHONY: image scan scan-tools smoke-image
 image scan: VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 image: ## build the container image kipam:<version> (needs a Docker engine)
@@ -71,11 +71,13 @@ smoke-image: $(STAMP) ## build the image with buildah and run it with podman (or
 # the chart's deliberate ones are skipped with reasons in annotations (helm/kipam/README.md).
 CHECKOV      := $(VENV)/checkov/bin/checkov
 CHECKOV_ARGS := --compact --quiet --skip-download
-scan: $(STAMP) ## hadolint and checkov on the Dockerfile, checkov on the rendered chart
-	$(BIN)/hadolint Dockerfile
+scan-tools: ## install checkov in its own virtualenv (make scan does it when needed)
 	@test -x $(CHECKOV) || { echo "scan: installing checkov in $(VENV)/checkov" \
 		&& $(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/python -m pip install \
 		--quiet --quiet --disable-pip-version-check checkov==3.3.30; }
+
+scan: $(STAMP) scan-tools ## hadolint and checkov on the Dockerfile, checkov on the rendered chart
+	$(BIN)/hadolint Dockerfile
 	$(CHECKOV) --framework dockerfile -f Dockerfile $(CHECKOV_ARGS)
 	@set -e; out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
 	$(BIN)/helm template kipam helm/kipam -n ipam \
