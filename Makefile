@@ -71,10 +71,13 @@ smoke-image: $(STAMP) ## build the image with buildah and run it with podman (or
 # the chart's deliberate ones are skipped with reasons in annotations (helm/kipam/README.md).
 CHECKOV      := $(VENV)/checkov/bin/checkov
 CHECKOV_ARGS := --compact --quiet --skip-download
+# .installed marks a finished install: the packaging test uses checkov only then (CI installs
+# it while the tests run).
 scan-tools: ## install checkov in its own virtualenv (make scan does it when needed)
-	@test -x $(CHECKOV) || { echo "scan: installing checkov in $(VENV)/checkov" \
+	@test -f $(VENV)/checkov/.installed || { echo "scan: installing checkov in $(VENV)/checkov" \
 		&& $(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/python -m pip install \
-		--quiet --quiet --disable-pip-version-check checkov==3.3.30; }
+		--quiet --quiet --disable-pip-version-check checkov==3.3.30 \
+		&& touch $(VENV)/checkov/.installed; }
 
 scan: $(STAMP) scan-tools ## hadolint and checkov on the Dockerfile, checkov on the rendered chart
 	$(BIN)/hadolint Dockerfile
