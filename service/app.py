@@ -46,7 +46,16 @@ if TYPE_CHECKING:
 
     from service.embedded import EmbeddedPostgres
 
-__all__ = ["HttpServer", "Resources", "open_database", "resources", "serve", "use_cases"]
+__all__ = [
+    "HttpServer",
+    "Resources",
+    "check_auth",
+    "open_database",
+    "prepare_schema",
+    "resources",
+    "serve",
+    "use_cases",
+]
 
 _log = logging.getLogger("kipam")
 
@@ -115,18 +124,27 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
         UnavailableError: the database cannot be reached or started.
     """
     async with open_database(settings) as (db, kind):
-        async with db.connection() as conn:
-            if settings.migrate_on_start:
-                applied = await migrate(conn)
-                if applied:
-                    _log.info("applied migrations: %s", ", ".join(applied))
-            elif not (await status(conn)).current:
-                raise PreconditionFailedError(
-                    "The database schema is not current; run `kipam migrate` first (or set "
-                    "KIPAM_MIGRATE_ON_START=true)."
-                )
+        await prepare_schema(settings, db)
         async with use_cases(settings, db, kind) as res:
             yield res
+
+
+async def prepare_schema(settings: Settings, db: Database) -> None:
+    """Migrate when ``settings`` say so, else insist that the schema is current.
+
+    Raises:
+        PreconditionFailedError: the schema is not current and migrating on start is off.
+    """
+    async with db.connection() as conn:
+        if settings.migrate_on_start:
+            applied = await migrate(conn)
+            if applied:
+                _log.info("applied migrations: %s", ", ".join(applied))
+        elif not (await status(conn)).current:
+            raise PreconditionFailedError(
+                "The database schema is not current; run `kipam migrate` first (or set "
+                "KIPAM_MIGRATE_ON_START=true)."
+            )
 
 
 @contextlib.asynccontextmanager

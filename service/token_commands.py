@@ -20,7 +20,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from service.auth import Scope, Tokens, generate, parse_duration
-from service.errors import PreconditionFailedError
 from service.rest import text
 from service.rest.schemas import TokenCreatedOut, TokenList, TokenOut
 
@@ -103,17 +102,10 @@ def _actor() -> str:
 
 @contextlib.asynccontextmanager
 async def _open(settings: Settings) -> AsyncIterator[Tokens]:
-    from service.app import open_database  # noqa: PLC0415 - keeps `kipam --help` fast
-    from service.migrate import migrate, status  # noqa: PLC0415
+    from service.app import open_database, prepare_schema  # noqa: PLC0415 - a fast `--help`
 
     async with open_database(settings, attach=True) as (db, _):
-        async with db.connection() as conn:
-            if settings.migrate_on_start:
-                await migrate(conn)
-            elif not (await status(conn)).current:
-                raise PreconditionFailedError(
-                    "The database schema is not current; run `kipam migrate` first."
-                )
+        await prepare_schema(settings, db)
         yield Tokens(db)
 
 
@@ -157,7 +149,6 @@ async def _create(tokens: Tokens, args: argparse.Namespace) -> None:
         expires_in=parse_duration(args.expires) if args.expires else None,
         created_by=_actor(),
     )
-    out = TokenOut.from_model(token)
     if args.output == "table":
         sys.stdout.write(secret + "\n")
         sys.stderr.write(
@@ -165,9 +156,7 @@ async def _create(tokens: Tokens, args: argparse.Namespace) -> None:
             "again. Send it as `Authorization: Bearer <token>` (KIPAM_TOKEN for the CLI).\n"
         )
         return
-    import msgspec  # noqa: PLC0415
-
-    _emit(args, TokenCreatedOut(token=secret, **msgspec.structs.asdict(out)), "")
+    _emit(args, TokenCreatedOut.created(token, secret), "")
 
 
 async def _list(tokens: Tokens, args: argparse.Namespace) -> None:

@@ -544,6 +544,11 @@ class TokenCreatedOut(TokenOut, kw_only=True):
 
     token: str
 
+    @classmethod
+    def created(cls, token: Token, secret: str) -> TokenCreatedOut:
+        """From the service's new token and its secret text."""
+        return cls(token=secret, **msgspec.structs.asdict(TokenOut.from_model(token)))
+
 
 class TokenList(msgspec.Struct, kw_only=True):
     """Tokens by name."""

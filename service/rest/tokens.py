@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody  # noqa: TC002 - Litestar reads them
@@ -50,7 +49,7 @@ class TokenController(Controller):
             expires_in=parse_duration(data.expires) if data.expires else None,
             created_by=principal_of(request).name,
         )
-        return TokenCreatedOut(token=secret, **msgspec.structs.asdict(TokenOut.from_model(token)))
+        return TokenCreatedOut.created(token, secret)
 
     @get("/", operation_id="ListTokens", summary="List API tokens", responses=errors(422))
     async def list_tokens(
