@@ -48,7 +48,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,7 +58,6 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 import grpc_bench
-import store_bench
 
 from service import auth
 from service.config import TOKEN
@@ -126,55 +124,42 @@ def probes(target: str, mode: str, token: str) -> dict[str, Any]:
 
 def one_server(args: argparse.Namespace, mode: str, token: str) -> dict[str, Any]:
     """Every case on one fresh server and database, authentication `mode` ("off" or "on")."""
-    dsn = uvloop.run(store_bench.fresh_database(args.dsn))
     out: dict[str, Any] = {}
-    server: dict[str, Any] = {"load_before": os.getloadavg()}
-    with tempfile.NamedTemporaryFile("w+b", prefix="kipam-serve-", suffix=".log") as log:
-        log_path = Path(log.name)
-        proc, target, _ = grpc_bench.start_server(dsn, None, log, environment(mode, token))
-        try:
-            server["ready_s"] = grpc_bench.wait_serving(proc, target, log_path)
-            grpc_bench.create_pools(target, token, POOLS)
-            server["probes"] = probes(target, mode, token)
-            for case, kind, concurrency, pools in CASES:
-                load = grpc_bench.Load(
-                    target,
-                    kind,
-                    pools,
-                    concurrency,
-                    args.warmup,
-                    args.seconds,
-                    proc.pid,
-                    token=token,
+    load_before = os.getloadavg()
+    with grpc_bench.serving(args.dsn, None, environment(mode, token)) as served:
+        target, server = served.target, served.info
+        server["load_before"] = load_before
+        server["ready_s"] = grpc_bench.wait_serving(served.proc, target, served.log_path)
+        grpc_bench.create_pools(target, token, POOLS)
+        server["probes"] = probes(target, mode, token)
+        for case, kind, concurrency, pools in CASES:
+            load = grpc_bench.Load(
+                target,
+                kind,
+                pools,
+                concurrency,
+                args.warmup,
+                args.seconds,
+                served.proc.pid,
+                token=token,
+            )
+            result = grpc_bench.run_load(load, concurrency, 1)
+            # Server CPU per counted call, in microseconds.
+            result["server_cpu_us"] = (
+                result["server_cpu"] * args.seconds / result["counted"] * 1e6
+                if result["counted"]
+                else float("nan")
+            )
+            if kind == "allocate":
+                found = uvloop.run(grpc_bench.count_rows(served.dsn, pools))
+                result["rows"] = found["rows"]
+                result["verified"] = (
+                    found["rows"] == found["prefixes"] == found["active"] == result["ok"]
                 )
-                result = grpc_bench.run_load(load, concurrency, 1)
-                # Server CPU per counted call, in microseconds.
-                result["server_cpu_us"] = (
-                    result["server_cpu"] * args.seconds / result["counted"] * 1e6
-                    if result["counted"]
-                    else float("nan")
-                )
-                if kind == "allocate":
-                    found = uvloop.run(grpc_bench.count_rows(dsn, pools))
-                    result["rows"] = found["rows"]
-                    result["verified"] = (
-                        found["rows"] == found["prefixes"] == found["active"] == result["ok"]
-                    )
-                else:
-                    result["verified"] = not result["errors"] and result["ok"] > 0
-                out[case] = result
-        except BaseException:
-            tail = log_path.read_text(errors="replace")[-4000:]
-            print(f"kipam serve's log (last 4,000 characters):\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            if proc.poll() is None:
-                server |= grpc_bench.stop_server(proc)
             else:
-                server["exit"] = proc.returncode
-            uvloop.run(store_bench.drop_database(args.dsn, dsn))
-            server["log"] = grpc_bench.log_notes(log_path)
-            server["load_after"] = os.getloadavg()
+                result["verified"] = not result["errors"] and result["ok"] > 0
+            out[case] = result
+    server["load_after"] = os.getloadavg()
     out["server"] = server
     return out
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -63,13 +64,16 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import asyncpg
 import grpc
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_bench
@@ -317,6 +321,52 @@ def start_server(
     return proc, grpc_addr, http_addr
 
 
+@dataclass
+class Served:
+    """A running ``kipam serve`` on a fresh database of its own (see :func:`serving`)."""
+
+    proc: subprocess.Popen[bytes]
+    target: str  # its gRPC address
+    http_addr: str
+    dsn: str  # its database
+    log_path: Path
+    # What the report says of the server: the caller's figures, then how it stopped
+    # (stop_server's figures, or its exit code) and what its log holds (log_notes).
+    info: dict[str, Any]
+
+
+@contextlib.contextmanager
+def serving(
+    admin_dsn: str, redis_url: str | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[Served]:
+    """``kipam serve`` on a fresh database; afterwards stopped, the database dropped.
+
+    On an error the tail of the server's log goes to stderr.
+    """
+    dsn = uvloop.run(store_bench.fresh_database(admin_dsn))
+    with tempfile.NamedTemporaryFile("w+b", prefix="kipam-serve-", suffix=".log") as log:
+        log_path = Path(log.name)
+        try:
+            proc, target, http_addr = start_server(dsn, redis_url, log, extra_env)
+        except BaseException:
+            uvloop.run(store_bench.drop_database(admin_dsn, dsn))
+            raise
+        served = Served(proc, target, http_addr, dsn, log_path, {})
+        try:
+            yield served
+        except BaseException:
+            tail = log_path.read_text(errors="replace")[-4000:]
+            print(f"kipam serve's log (last 4,000 characters):\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            if proc.poll() is None:
+                served.info |= stop_server(proc)
+            else:
+                served.info["exit"] = proc.returncode
+            uvloop.run(store_bench.drop_database(admin_dsn, dsn))
+            served.info["log"] = log_notes(log_path)
+
+
 def lock_backend(http_addr: str) -> str:
     """The lock backend the server is using now, from its ``/readyz``."""
     url = f"http://{http_addr}/readyz"
@@ -456,36 +506,23 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         case: pgbench_ceiling(args.dsn, clients, pools, args.seconds)
         for case, clients, pools in CEILINGS
     }
-    dsn = uvloop.run(store_bench.fresh_database(args.dsn))
-    with tempfile.NamedTemporaryFile("w+b", prefix="kipam-serve-", suffix=".log") as log:
-        log_path = Path(log.name)
-        proc, target, http_addr = start_server(dsn, args.redis, log)
-        server: dict[str, Any] = {}
-        try:
-            server["ready_s"] = wait_serving(proc, target, log_path)
-            server["locks_at_start"] = lock_backend(http_addr)
-            create_pools(target)
-            for case, kind, concurrency, pools in CASES:
-                load = Load(target, kind, pools, concurrency, args.warmup, args.seconds, proc.pid)
-                out[case] = run_load(load, concurrency, args.client_procs)
-                if kind == "allocate":
-                    found = uvloop.run(count_rows(dsn, pools))
-                    out[case]["rows"] = found["rows"]
-                    out[case]["verified"] = (
-                        found["rows"] == found["prefixes"] == found["active"] == out[case]["ok"]
-                    )
-            server["locks_at_end"] = lock_backend(http_addr)
-        except BaseException:
-            tail = log_path.read_text(errors="replace")[-4000:]
-            print(f"kipam serve's log (last 4,000 characters):\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            if proc.poll() is None:
-                server |= stop_server(proc)
-            else:
-                server["exit"] = proc.returncode
-            uvloop.run(store_bench.drop_database(args.dsn, dsn))
-            server["log"] = log_notes(log_path)
+    with serving(args.dsn, args.redis) as served:
+        target, server = served.target, served.info
+        server["ready_s"] = wait_serving(served.proc, target, served.log_path)
+        server["locks_at_start"] = lock_backend(served.http_addr)
+        create_pools(target)
+        for case, kind, concurrency, pools in CASES:
+            load = Load(
+                target, kind, pools, concurrency, args.warmup, args.seconds, served.proc.pid
+            )
+            out[case] = run_load(load, concurrency, args.client_procs)
+            if kind == "allocate":
+                found = uvloop.run(count_rows(served.dsn, pools))
+                out[case]["rows"] = found["rows"]
+                out[case]["verified"] = (
+                    found["rows"] == found["prefixes"] == found["active"] == out[case]["ok"]
+                )
+        server["locks_at_end"] = lock_backend(served.http_addr)
     out["server"] = server
     return out
 

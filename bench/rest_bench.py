@@ -64,7 +64,6 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import grpc_bench
-import store_bench
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 THREADS = 2
@@ -371,34 +370,15 @@ def run_cases(
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     """Every case on one fresh server and database."""
-    dsn = asyncio.run(store_bench.fresh_database(args.dsn))
-    server: dict[str, Any] = {}
-    with tempfile.NamedTemporaryFile("w+b", prefix="kipam-serve-", suffix=".log") as log:
-        log_path = Path(log.name)
-        try:
-            proc, _, http_addr = grpc_bench.start_server(dsn, args.redis, log)
-        except BaseException:
-            asyncio.run(store_bench.drop_database(args.dsn, dsn))
-            raise
-        try:
-            server["ready_s"] = wait_ready(proc, http_addr, log_path)
-            server["locks_at_start"] = grpc_bench.lock_backend(http_addr)
-            held = populate(http_addr, args.allocations)
-            if args.analyze:
-                asyncio.run(analyze(dsn))
-            out = run_cases(args, http_addr, proc.pid, held)
-            server["locks_at_end"] = grpc_bench.lock_backend(http_addr)
-        except BaseException:
-            tail = log_path.read_text(errors="replace")[-4000:]
-            print(f"kipam serve's log (last 4,000 characters):\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            if proc.poll() is None:
-                server |= grpc_bench.stop_server(proc)
-            else:
-                server["exit"] = proc.returncode
-            asyncio.run(store_bench.drop_database(args.dsn, dsn))
-            server["log"] = grpc_bench.log_notes(log_path)
+    with grpc_bench.serving(args.dsn, args.redis) as served:
+        http_addr, server = served.http_addr, served.info
+        server["ready_s"] = wait_ready(served.proc, http_addr, served.log_path)
+        server["locks_at_start"] = grpc_bench.lock_backend(http_addr)
+        held = populate(http_addr, args.allocations)
+        if args.analyze:
+            asyncio.run(analyze(served.dsn))
+        out = run_cases(args, http_addr, served.proc.pid, held)
+        server["locks_at_end"] = grpc_bench.lock_backend(http_addr)
     out["server"] = server
     return out
 

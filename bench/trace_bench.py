@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent import futures
@@ -31,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import uvloop
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 sys.path.insert(0, str(Path(__file__).parent))
 import grpc_bench
-import store_bench
 
 from service.grpc.gen import pool_pb2 as ppb
 from service.grpc.gen import pool_pb2_grpc as ppb_grpc
@@ -104,21 +101,16 @@ def create_pools(target: str) -> None:
 
 def one_server(args: argparse.Namespace, otel: dict[str, str] | None) -> dict[str, Any]:
     """Every case on one fresh server; ``otel`` is its OTEL_* environment (None: off)."""
-    dsn = uvloop.run(store_bench.fresh_database(args.dsn))
     out: dict[str, Any] = {}
-    with tempfile.NamedTemporaryFile("w+b", prefix="kipam-serve-", suffix=".log") as log:
-        proc, target, _ = grpc_bench.start_server(dsn, None, log, otel)
-        try:
-            grpc_bench.wait_serving(proc, target, Path(log.name))
-            create_pools(target)
-            for case, concurrency, pools in CASES:
-                load = grpc_bench.Load(
-                    target, "allocate", pools, concurrency, args.warmup, args.seconds, proc.pid
-                )
-                out[case] = grpc_bench.run_load(load, concurrency, 1)
-        finally:
-            grpc_bench.stop_server(proc)
-            uvloop.run(store_bench.drop_database(args.dsn, dsn))
+    with grpc_bench.serving(args.dsn, None, otel) as served:
+        target, pid = served.target, served.proc.pid
+        grpc_bench.wait_serving(served.proc, target, served.log_path)
+        create_pools(target)
+        for case, concurrency, pools in CASES:
+            load = grpc_bench.Load(
+                target, "allocate", pools, concurrency, args.warmup, args.seconds, pid
+            )
+            out[case] = grpc_bench.run_load(load, concurrency, 1)
     return out
 
 
